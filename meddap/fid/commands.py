@@ -1,0 +1,5 @@
+"""Command-line entry points of meddap.fid (registered by meddap.cli)."""
+
+
+def register(subparsers) -> None:
+    """Add this area's sub-commands to the `meddap` parser."""
