@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from meddap.errors import MeddapError
 from meddap.models.attention import GroupNorm32, multi_head_attention
 from meddap.models.config import UNetConfig
 
@@ -250,7 +251,7 @@ class UNetModel(nn.Module):
     """eps_theta(x, t, context): x (B, in, h, w), t (B,) int64, context (B, L, C_ctx) -> (B, out, h, w).
 
     The model runs in its parameters' dtype; x and context must have it too.
-    Any h and w work (see `Upsample`).
+    Any h and w work (see `Upsample`). A 0-d t is used for every batch row.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -317,8 +318,24 @@ class UNetModel(nn.Module):
             if isinstance(m, (ResBlock, BasicTransformerBlock)):
                 m.gradient_checkpointing = bool(enabled)
 
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+        """Shape checks on Python ints only (nothing here syncs with the device)."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise MeddapError(f"UNet input x has shape {tuple(x.shape)}; "
+                              f"expected (B, {cfg.in_channels}, h, w) latents.")
+        if t.shape != (x.shape[0],):
+            raise MeddapError(f"UNet timesteps t have shape {tuple(t.shape)}; expected ({x.shape[0]},), one per "
+                              "batch row, or a 0-d tensor.")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+            raise MeddapError(f"UNet context has shape {tuple(context.shape)}; expected ({x.shape[0]}, L, "
+                              f"{cfg.context_dim}) text-encoder states (SD v1: width 768; SD 2 uses 1024).")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (B, 4, h, w), t: (B,), context: (B, 77, C_ctx)
+        # x: (B, 4, h, w), t: (B,) or (), context: (B, 77, C_ctx)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])                          # (B,)
+        self._check_inputs(x, t, context)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4*mc)
         skips = []
         h = x
