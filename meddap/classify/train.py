@@ -1,0 +1,291 @@
+"""Training a downstream classifier (MEDDAP section 4; the authors' evaluate_new.py).
+
+Defaults are the authors': Adam at lr 1e-3, batch 32 with drop_last, 100
+epochs, images resized to 224 x 224, ImageNet mean/std, no augmentation,
+cross-entropy, and the checkpoint of best validation accuracy is kept.
+
+The loop reads as numbered steps: 1. data, 2. initial weights (shared by all
+conditions, see networks.py), 3. optimiser and resume, 4. epochs, 5. result.
+
+Output folder:
+    init.pt    the initial weights (unless --init names a shared file)
+    state.pt   the resumable checkpoint, rewritten atomically after every epoch:
+               model, optimiser, grad scaler, torch RNG states, epoch, best, log
+    best.pt    the weights of best validation accuracy (+ arch, classes, size)
+    log.csv    one row per epoch
+    train.json the summary, written last; its presence means "finished"
+
+A run killed at any point and started again with the same command continues
+from the last finished epoch; on CPU the result is bitwise the one of an
+uninterrupted run (the shuffle of epoch e comes from its own generator seeded
+by (seed, e), dropout from the saved torch RNG state). Re-running with a
+larger --epochs extends a finished run.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state)
+from meddap.data.datasets import ImageSet, load_rgb, resolve_images
+from meddap.errors import MeddapError
+from meddap.io import atomic_path, write_json_atomic, write_text_atomic
+from meddap.progress import Progress
+
+# torchvision's ImageNet statistics (torchvision.transforms._presets.ImageClassification),
+# used by the released code's transforms.Normalize.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SHUFFLE_STREAM = 1_000_003  # epoch e shuffles with seed * _SHUFFLE_STREAM + e
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One classifier training; defaults are the authors' (evaluate_new.py)."""
+    arch: Arch
+    train: tuple[str, ...]          # class folders or SPLIT.json:FOLD:PART, pooled
+    val: str
+    out: Path
+    epochs: int = 100
+    batch_size: int = 32            # drop_last=True, as released
+    lr: float = 1e-3                # Adam, default betas
+    seed: int = 0
+    size: int = 224
+    device: str = "cpu"
+    init: Path | None = None        # shared initial weights; default out/init.pt
+    weights_dir: Path | None = Path("weights")
+    show_progress: bool = True
+
+    def settings(self) -> dict:
+        """What must not change when a run is resumed (epochs may grow)."""
+        return {"arch": self.arch.value, "train": list(self.train), "val": self.val,
+                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "size": self.size}
+
+
+# ---------------------------------------------------------------- 1. data
+
+@dataclass
+class TensorSet:
+    """Images resized to (size, size), kept as uint8; labels index `classes`."""
+    images: torch.Tensor            # (N, 3, S, S) uint8
+    labels: torch.Tensor            # (N,) int64
+    classes: list[str]
+    paths: list[str] = field(default_factory=list)
+
+
+_CACHE: OrderedDict = OrderedDict()   # (path, mtime_ns, bytes, size) -> (3, S, S) uint8
+_CACHE_LIMIT_BYTES = 1 << 30          # ~1 GiB: real images re-read across conditions
+
+
+def load_image_tensor(path: Path, size: int) -> torch.Tensor:
+    """RGB image -> (3, size, size) uint8, bilinear resize (the released
+    transforms.Resize((224, 224))), memoised in a bounded LRU cache."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size, size)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    im = load_rgb(path).resize((size, size), resample=2)  # 2 = PIL bilinear
+    t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H,W,3)->(3,H,W)
+    _CACHE[key] = t
+    while len(_CACHE) * t.numel() > _CACHE_LIMIT_BYTES:
+        _CACHE.popitem(last=False)
+    return t
+
+
+def to_tensor_set(sets: list[ImageSet], classes: list[str], size: int) -> TensorSet:
+    index = {c: i for i, c in enumerate(classes)}
+    items = [it for s in sets for it in s.items]
+    images = [load_image_tensor(it.path, size) for it in items]
+    stack = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    return TensorSet(stack, torch.tensor([index[it.label] for it in items], dtype=torch.int64),
+                     list(classes), [str(it.path) for it in items])
+
+
+def normalise(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float32 (x/255 - mean) / std, ImageNet statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images_u8.device).view(1, 3, 1, 1)
+    return (images_u8.float() / 255.0 - mean) / std
+
+
+def manifest_sha256(sets: list[ImageSet]) -> str:
+    lines = sorted(f"{it.label}\t{it.path}" for s in sets for it in s.items)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def load_training_data(cfg: TrainConfig) -> tuple[TensorSet, TensorSet, str]:
+    train_sets = [resolve_images(s) for s in cfg.train]
+    val_set = resolve_images(cfg.val)
+    classes = sorted({c for s in train_sets for c in s.classes})
+    unknown = [c for c in val_set.classes if c not in classes]
+    if unknown:
+        raise MeddapError(f"validation data {cfg.val} has class(es) {unknown} that the training "
+                          f"data {', '.join(cfg.train)} lacks; training classes: {classes}.")
+    n_train = sum(len(s.items) for s in train_sets)
+    if n_train < cfg.batch_size:
+        raise MeddapError(f"training data {', '.join(cfg.train)} has {n_train} images, fewer than "
+                          f"one batch of {cfg.batch_size}; incomplete batches are dropped (drop_last, "
+                          f"as released), so no step would run. Use --batch-size {max(n_train, 1)} "
+                          f"or less, or add images.")
+    if not val_set.items:
+        raise MeddapError(f"validation data {cfg.val} holds no images.")
+    return (to_tensor_set(train_sets, classes, cfg.size),
+            to_tensor_set([val_set], classes, cfg.size), manifest_sha256(train_sets))
+
+
+# ---------------------------------------------------------------- helpers
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+            ) -> torch.Tensor:
+    """Class logits (N, k) float32 of uint8 images (N, 3, S, S), model in eval mode."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = normalise(images[i:i + batch_size].to(device))
+        with torch.autocast(device_type=device.type, dtype=torch.float16,
+                            enabled=device.type == "cuda"):
+            out.append(model(x).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _save_torch(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+# ---------------------------------------------------------------- training
+
+def train_classifier(cfg: TrainConfig) -> dict:
+    """Train one classifier; returns (and writes) out/train.json."""
+    out = Path(cfg.out)
+    device = torch.device(cfg.device)
+    on_cuda = device.type == "cuda"
+    summary_path, state_path = out / "train.json", out / "state.pt"
+    if summary_path.exists():
+        done = json.loads(summary_path.read_text(encoding="utf-8"))
+        if (done.get("complete") and done["config"]["epochs"] == cfg.epochs
+                and {k: done["config"][k] for k in cfg.settings()} == cfg.settings()):
+            return done
+
+    # 1. data (raises before anything is written when the input is wrong)
+    train, val, train_sha = load_training_data(cfg)
+
+    # 2. initial weights, identical for every condition sharing the init file
+    init: InitialState = obtain_initial_state(cfg.init or out / "init.pt", cfg.arch,
+                                              train.classes, cfg.seed, cfg.weights_dir)
+    print(f"classify: {cfg.arch.value}, classes {train.classes}, {init.describe()}")
+    model = build_network(cfg.arch, len(train.classes))
+    model.load_state_dict(init.state_dict, strict=True)
+    model.to(device)
+
+    # 3. optimiser (Adam, as released), mixed precision on CUDA only, resume
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=on_cuda)
+    torch.manual_seed(cfg.seed)
+    start, best_acc, best_epoch, rows = 0, -1.0, -1, []
+    if state_path.exists():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MeddapError(f"checkpoint {state_path} cannot be read ({type(e).__name__}); "
+                              f"delete it to restart this run from epoch 0.") from e
+        if state["settings"] != cfg.settings():
+            raise MeddapError(f"{out} holds a run with settings {state['settings']}; this command "
+                              f"asks {cfg.settings()}. Use another --out folder.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if on_cuda and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        start, best_acc, best_epoch, rows = (state["epoch"], state["best_acc"],
+                                             state["best_epoch"], state["log"])
+        if start < cfg.epochs:
+            print(f"classify: resuming {out} after epoch {start}")
+
+    # 4. epochs
+    loss_fn = nn.CrossEntropyLoss()
+    train_images, train_labels = train.images.to(device), train.labels.to(device)
+    n_batches = train.images.shape[0] // cfg.batch_size            # drop_last
+    bar = Progress(total=cfg.epochs, initial=start, desc=f"{cfg.arch.value}",
+                   enabled=cfg.show_progress)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.monotonic()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * _SHUFFLE_STREAM + epoch)
+        perm = torch.randperm(train.images.shape[0], generator=gen).to(device)  # (N,)
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for b in range(n_batches):
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]             # (B,)
+            x, y = normalise(train_images[idx]), train_labels[idx]
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=on_cuda):
+                logits = model(x)                                               # (B, k)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+            correct += (logits.argmax(1) == y).sum()
+        model.eval()
+        val_logits = predict(model, val.images, cfg.batch_size, device)
+        val_loss = float(loss_fn(val_logits, val.labels.to(device)))
+        val_acc = float((val_logits.argmax(1).cpu() == val.labels).double().mean())
+        if val_acc > best_acc:                                      # first best kept on ties
+            best_acc, best_epoch = val_acc, epoch + 1
+            _save_torch({"arch": cfg.arch.value, "classes": train.classes, "size": cfg.size,
+                         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                         "epoch": best_epoch, "val_accuracy": best_acc,
+                         "imagenet_init": init.imagenet_init,
+                         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
+                        out / "best.pt")
+        rows.append({"epoch": epoch + 1,
+                     "train_loss": float(loss_sum) / max(n_batches, 1),
+                     "train_accuracy": float(correct) / (n_batches * cfg.batch_size),
+                     "val_loss": val_loss, "val_accuracy": val_acc,
+                     "best_val_accuracy": best_acc, "seconds": round(time.monotonic() - t0, 3)})
+        _save_torch({"settings": cfg.settings(), "epoch": epoch + 1, "best_acc": best_acc,
+                     "best_epoch": best_epoch, "log": rows,
+                     "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if on_cuda else None},
+                    state_path)
+        _write_log(out / "log.csv", rows)
+        bar.update(1, postfix=f"val acc {val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
+    bar.close()
+
+    # 5. result
+    summary = {"complete": True, "config": {**cfg.settings(), "epochs": cfg.epochs,
+                                            "device": str(device), "mixed_precision": on_cuda},
+               "classes": train.classes, "best_epoch": best_epoch,
+               "best_val_accuracy": best_acc, "epochs_run": len(rows),
+               "n_train": int(train.images.shape[0]), "n_val": int(val.images.shape[0]),
+               "train_manifest_sha256": train_sha, "init": init.provenance(),
+               "imagenet_init": init.imagenet_init, "init_description": init.describe()}
+    write_json_atomic(summary_path, summary)
+    return summary
+
