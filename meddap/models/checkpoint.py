@@ -1,0 +1,360 @@
+"""Reading SD v1 weight files safely, and telling what is in them.
+
+Formats (all give tensors under the original CompVis checkpoint names):
+  * `.safetensors`: memory-mapped; a tensor is a view into the file until a
+    loader copies it (then its pages are handed back, see `Checkpoint.take`).
+  * `.ckpt` / `.pt` / `.pth` / `.bin`: torch pickles, read only through
+    torch's weights-only unpickler, never `weights_only=False`. Legacy SD
+    files pickle `pytorch_lightning` objects (e.g. a ModelCheckpoint callback
+    as a dict key); each such class is replaced by an inert stand-in, so
+    Lightning is neither needed nor imported and no code from the file runs.
+    Any other global that is not a tensor or container type is refused.
+  * a diffusers folder (`unet/`, `vae/`, `text_encoder/`), renamed by
+    meddap.models.diffusers_names.
+
+Then `inspect_keys` splits the names by component, tells SD v1 from SD 2.x and
+SDXL, and lists missing, mis-shaped, optional and unexpected keys.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from meddap.errors import MeddapError
+from meddap.io import atomic_path
+from meddap.models import diffusers_names
+
+# Checkpoint prefixes of the three networks (CompVis LatentDiffusion attribute paths).
+PREFIXES = {"unet": "model.diffusion_model.",
+            "vae": "first_stage_model.",
+            "text_encoder": "cond_stage_model.transformer.text_model."}
+# Tensors some SD v1 files carry and some do not (reference sd_v1_checkpoint_keys.json
+# "optional"): LatentDiffusion's schedule buffers, its `logvar`, EMA scalars and CLIP's position ids.
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+OPTIONAL = frozenset(SCHEDULE_BUFFERS + ("logvar", "model_ema.decay", "model_ema.num_updates",
+                                         PREFIXES["text_encoder"] + "embeddings.position_ids"))
+# EMA copies of the UNet (`v1-4-full-ema.ckpt`: `model_ema.diffusion_modelinput_blocks00weight`, ...)
+# are accepted and ignored: SD v1.4's released weights are already the EMA weights.
+IGNORED_PREFIX = "model_ema."
+# Pickled classes replaced by inert stand-ins (the training framework of SD v1).
+LIGHTNING_MODULES = ("pytorch_lightning", "lightning")
+# Plain-data numpy constructors some Lightning checkpoints pickle (scores as numpy scalars).
+NUMPY_GLOBALS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+DIFFUSERS_FILES = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
+                   "text_encoder": ("text_encoder", "model")}
+
+
+@dataclass
+class Checkpoint:
+    """Tensors of one SD file or folder, under CompVis checkpoint names."""
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    files: list[Path]                                   # the weight files read
+    _pages: dict[str, tuple[mmap.mmap, int, int]] = field(default_factory=dict, repr=False)
+
+    def take(self, name: str, device, dtype: torch.dtype | None) -> torch.Tensor:
+        """Remove a tensor and return it on `device` in `dtype` (None: keep its dtype).
+
+        A memory-mapped tensor is copied and its file pages are dropped from
+        RAM right away, so converting fp32 -> fp16 never holds the whole file
+        and the converted model at once.
+        """
+        t = self.tensors.pop(name)
+        if name not in self._pages:
+            return t.to(device=device, dtype=dtype)
+        out = t.to(device=device, dtype=dtype, copy=True)
+        mm, start, length = self._pages.pop(name)
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, (start + length) // page * page   # whole pages inside
+        if hi > lo and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return out
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """All tensors of an SD file or diffusers folder, under CompVis names (safe; mmap for safetensors)."""
+    return open_checkpoint(path).tensors
+
+
+def open_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise MeddapError(f"checkpoint {path} does not exist; give a .ckpt, .safetensors or diffusers folder.")
+    if path.is_dir():
+        return _open_diffusers_folder(path)
+    if path.suffix == ".safetensors":
+        tensors, pages = _map_safetensors(path)
+        return Checkpoint(path, tensors, [path], pages)
+    if path.suffix in PICKLE_SUFFIXES:
+        return Checkpoint(path, _unwrap(_load_pickle(path), path), [path])
+    raise MeddapError(f"{path}: unknown checkpoint type {path.suffix!r}; accepted: .safetensors, "
+                      f"{', '.join(PICKLE_SUFFIXES)} or a diffusers folder with unet/, vae/, text_encoder/.")
+
+
+# ---- safetensors ---------------------------------------------------------------------
+def _map_safetensors(path: Path) -> tuple[dict, dict]:
+    """Parse a safetensors header and map the file (copy-on-write: the file is never written).
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the data.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if n < 2 or 8 + n > size:
+            raise MeddapError(f"{path}: not a safetensors file, or truncated (its header length "
+                              f"{n} does not fit in {size} bytes).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MeddapError(f"{path}: the safetensors header is not valid JSON ({e}); "
+                              f"the file is damaged or not a safetensors file.") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    header.pop("__metadata__", None)
+    tensors, pages = {}, {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise MeddapError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; "
+                              f"meddap reads {', '.join(SAFETENSORS_DTYPES)}.")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        count = math.prod(shape)
+        start = 8 + n + begin
+        if 8 + n + end > size:
+            raise MeddapError(f"{path}: tensor {name} ends at byte {8 + n + end} but the file has "
+                              f"{size} bytes; the file is truncated (an interrupted download or copy?).")
+        if end - begin != count * dtype.itemsize:
+            raise MeddapError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} "
+                              f"of {info['dtype']}; the file is damaged.")
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():             # ACCESS_COPY maps are writable; nothing to warn about
+            warnings.simplefilter("ignore")
+            tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=start).view(shape)
+        pages[name] = (mm, start, end - begin)
+    return tensors, pages
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically, tensor by tensor (no second copy of the data in RAM)."""
+    names = {dt: code for code, dt in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                 # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+# ---- torch pickles -------------------------------------------------------------------
+class PickledObjectStandIn:
+    """Inert replacement for a pickled training-framework object: it stores what
+    the pickle gives it and does nothing else."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _stand_in(full_name: str) -> tuple[type, str]:
+    module, _, name = full_name.rpartition(".")
+    return type(name, (PickledObjectStandIn,), {"__module__": module}), full_name
+
+
+def _load_pickle(path: Path):
+    """torch.load(weights_only=True) with Lightning classes allowed as stand-ins."""
+    allowed = []
+    if zipfile.is_zipfile(path):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as e:                      # a damaged archive raises several types
+            raise MeddapError(f"{path}: cannot read this torch zip archive ({e}); the file is "
+                              f"truncated or damaged.") from None
+        for name in sorted(unsafe):
+            if name.split(".")[0] in LIGHTNING_MODULES:
+                allowed.append(_stand_in(name))
+            elif name in NUMPY_GLOBALS:
+                allowed.append((_numpy_global(name), name))
+            else:
+                raise MeddapError(f"{path}: refused: its pickle refers to {name}, which is not a tensor, "
+                                  f"container or pytorch_lightning class; loading it could run code "
+                                  f"from the file. Use a .safetensors copy from a trusted source.")
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise MeddapError(f"{path}: refused or unreadable pickle: {str(e).splitlines()[0]} "
+                          f"meddap loads only tensors, containers and pytorch_lightning objects "
+                          f"(as inert stand-ins).") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise MeddapError(f"{path}: cannot read this torch file ({str(e).splitlines()[0]}); "
+                          f"it is truncated, damaged or not a torch checkpoint.") from None
+
+
+def _numpy_global(name: str):
+    import numpy
+    if name == "numpy.dtype":
+        return numpy.dtype
+    return getattr(getattr(numpy, "_core", None) or numpy.core, "multiarray").scalar
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict of a .ckpt: Lightning files nest it under `state_dict`."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MeddapError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
+                          f"this is not a Stable Diffusion checkpoint.")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise MeddapError(f"{path}: entries {bad[:3]} are not tensors; expected a state dict "
+                          f"(optionally under 'state_dict').")
+    return dict(obj)
+
+
+# ---- diffusers folders ---------------------------------------------------------------
+def _component_file(folder: Path, component: str) -> Path:
+    sub, stem = DIFFUSERS_FILES[component]
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / sub / name).is_file():
+            return folder / sub / name
+    raise MeddapError(f"diffusers folder {folder}: no {sub}/{stem}.safetensors (or .fp16.safetensors, "
+                      f".bin); a diffusers SD folder has unet/, vae/ and text_encoder/ weights.")
+
+
+def _open_diffusers_folder(folder: Path) -> Checkpoint:
+    tensors, pages, files = {}, {}, []
+    for component, prefix in PREFIXES.items():
+        file = _component_file(folder, component)
+        files.append(file)
+        if file.suffix == ".safetensors":
+            part, part_pages = _map_safetensors(file)
+        else:
+            part, part_pages = _unwrap(_load_pickle(file), file), {}
+        if component == "text_encoder":
+            names = {k: diffusers_names.text_key(k) for k in part}
+        else:
+            rules = (diffusers_names.unet_prefixes if component == "unet" else diffusers_names.vae_prefixes)(list(part))
+            names = {k: diffusers_names.rename(k, rules) for k in part}
+        for key, t in part.items():
+            if names[key] is None:
+                raise MeddapError(f"{file}: tensor {key} has no SD v1 counterpart; is this an SD v1 "
+                                  f"diffusers folder?")
+            new = prefix + names[key]
+            if component == "vae" and ".mid.attn_1." in new and t.dim() == 2:
+                t = t[:, :, None, None]             # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+            tensors[new] = t
+            if key in part_pages:
+                pages[new] = part_pages[key]
+    return Checkpoint(folder, tensors, files, pages)
+
+
+# ---- what is in the file -------------------------------------------------------------
+def detect_family(tensors: dict[str, torch.Tensor], path) -> None:
+    """Raise a MeddapError naming the family when the tensors are not an SD v1 model."""
+    keys = list(tensors)
+    if any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in keys):
+        raise MeddapError(f"{path}: this is an SDXL checkpoint (it has conditioner.embedders / label_emb); "
+                          f"meddap runs Stable Diffusion v1 (v1.1-v1.5, e.g. sd-v1-4.ckpt) only.")
+    k_proj = tensors.get(PREFIXES["unet"] + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or (k_proj is not None and k_proj.shape[1] == 1024):
+        raise MeddapError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder, "
+                          f"1024-wide context); meddap runs Stable Diffusion v1 (e.g. sd-v1-4.ckpt) only.")
+    if not any(k.startswith(PREFIXES["unet"]) for k in keys):
+        hint = ("it looks like a LoRA adapter; load it with meddap.lora.load_lora"
+                if any("lora" in k for k in keys) else
+                "it looks like one diffusers component; pass the whole diffusers folder"
+                if any(k.startswith(("down_blocks.", "encoder.down_blocks.")) for k in keys) else
+                f"its {len(keys)} tensors start {keys[:3]}")
+        raise MeddapError(f"{path}: not a Stable Diffusion v1 checkpoint: no tensor is under "
+                          f"{PREFIXES['unet']} ({hint}).")
+
+
+@dataclass
+class KeyReport:
+    """How a file's tensor names and shapes compare with an SD v1 config."""
+    path: Path
+    missing: dict[str, list[str]]       # component -> expected keys absent from the file
+    mismatched: list[str]               # "key: file [..] vs expected [..]"
+    unexpected: list[str]
+    optional: list[str]                 # known optional keys present (schedule, EMA scalars, position ids)
+    ignored: list[str]                  # EMA weight copies (model_ema.*), accepted and not loaded
+
+    def raise_for_errors(self) -> None:
+        for component, keys in self.missing.items():
+            if keys:
+                raise MeddapError(f"{self.path}: the {component} is incomplete: {len(keys)} tensors are "
+                                  f"missing, first {keys[:3]}.")
+        if self.mismatched:
+            comp = next(c for c, p in PREFIXES.items() if self.mismatched[0].startswith(p))
+            raise MeddapError(f"{self.path}: the {comp} has tensors of the wrong shape "
+                              f"({len(self.mismatched)}), first {self.mismatched[:3]}.")
+        if self.unexpected:
+            raise MeddapError(f"{self.path}: {len(self.unexpected)} unexpected tensors, first "
+                              f"{self.unexpected[:3]}; an SD v1 file holds only the UNet, VAE, text "
+                              f"encoder and the optional {sorted(OPTIONAL)[:3]}...")
+
+
+def check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path) -> KeyReport:
+    """Compare names and shapes with `expected` (full checkpoint name -> shape)."""
+    missing = {c: [k for k in expected if k.startswith(p) and k not in tensors] for c, p in PREFIXES.items()}
+    mismatched, unexpected, optional, ignored = [], [], [], []
+    for key, t in tensors.items():
+        if key in expected:
+            if tuple(t.shape) != tuple(expected[key]):
+                mismatched.append(f"{key}: file {list(t.shape)} vs expected {list(expected[key])}")
+        elif key in OPTIONAL:
+            optional.append(key)
+        elif key.startswith(IGNORED_PREFIX):
+            ignored.append(key)
+        else:
+            unexpected.append(key)
+    return KeyReport(Path(path), missing, mismatched, unexpected, optional, ignored)
+
+
+def compare_schedule(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Differences between the file's schedule buffers and meddap's SD v1 schedule (empty if none)."""
+    from meddap.sampling.schedule import sd_checkpoint_buffers
+    ours = sd_checkpoint_buffers()
+    out = []
+    for name in SCHEDULE_BUFFERS:
+        if name not in tensors:
+            continue
+        theirs = tensors[name].to(torch.float64)
+        if theirs.shape != ours[name].shape:
+            out.append(f"{name}: shape {list(theirs.shape)} vs meddap's {list(ours[name].shape)}")
+            continue
+        err = ((theirs - ours[name]).abs() / ours[name].abs().clamp(min=1e-12)).max().item()
+        if err > 1e-4:                              # fp32 storage of the same fp64 formula agrees to ~1e-7
+            out.append(f"{name}: relative difference up to {err:.3g} from meddap's schedule")
+    return out
