@@ -1,0 +1,205 @@
+"""Text-to-image on the tiny config: seeds, guidance, PNG provenance and `meddap sample`."""
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meddap.cli import main
+from meddap.errors import MeddapError
+from meddap.io import read_jsonl, sha256_file
+from meddap.models.stable_diffusion import build_stable_diffusion, save_stable_diffusion
+from meddap.sampling.text_to_image import (encode_prompts, generate, guided_eps, image_seed,
+                                           read_png_metadata, write_png)
+
+SIZE = dict(height=32, width=40)          # latents (4, 4, 5): the odd width exercises the UNet's resizing
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    torch.manual_seed(0)
+    return build_stable_diffusion("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd64():
+    """float64 copy. In float32, a batched matmul can round a row differently from a
+    single-row one (e.g. time_embed: GEMM for B > 1, GEMV for B = 1), and a random
+    network amplifies that; in float64 those roundings vanish, so a difference
+    between batch sizes could only come from rows sharing noise or conditioning."""
+    torch.manual_seed(0)
+    return build_stable_diffusion("tiny").to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_sd):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_stable_diffusion(tiny_sd, path)
+    return path
+
+
+def _pixels(results):
+    return [np.asarray(r.image) for r in results]
+
+
+def test_image_seed_formula():
+    assert [image_seed(0, k) for k in range(3)] == [0, 1, 2]
+    assert image_seed(1, 0) == 1_000_003 and image_seed(7, 5) == 7 * 1_000_003 + 5
+    assert image_seed(2 ** 62, 1) == (2 ** 62 * 1_000_003 + 1) % 2 ** 63
+
+
+def test_image_k_is_the_same_for_batch_sizes_1_and_4(tiny_sd64):
+    """DDPM: both the initial noise and the noise of every step come from image k's generator."""
+    prompts = ["benign tumor", "malignant tumor", "no tumor", "benign tumor"]
+    seeds = [image_seed(3, k) for k in range(4)]
+    kw = dict(sampler="ddpm", steps=2, guidance=7.5, show_progress=False, height=16, width=24)
+    batched = _pixels(generate(tiny_sd64, prompts, seeds, batch_size=4, **kw))
+    single = [_pixels(generate(tiny_sd64, [p], [s], batch_size=1, **kw))[0]
+              for p, s in zip(prompts, seeds)]
+    for k in range(4):
+        assert np.array_equal(batched[k], single[k]), f"image {k} depends on the batch size"
+    assert not np.array_equal(batched[0], batched[3])     # same prompt, other seed
+
+
+@pytest.mark.parametrize("scale,which", [(1.0, "cond"), (0.0, "uncond")])
+def test_guidance_endpoints(tiny_sd64, scale, which):
+    """ε̂ = ε_u + s(ε_c − ε_u): s = 1 gives the conditional prediction, s = 0 the unconditional."""
+    _, cond = encode_prompts(tiny_sd64, ["benign tumor", "no tumor"])       # (2, 77, 64)
+    _, uncond = encode_prompts(tiny_sd64, ["", ""])
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, 4, 5, generator=g)
+    t = torch.tensor([981, 500])
+    guided = guided_eps(tiny_sd64.unet, uncond, cond, scale)(z, t)
+    with torch.no_grad():
+        direct = tiny_sd64.unet(z.double(), t, cond if which == "cond" else uncond).float()
+    assert guided.dtype == torch.float32
+    torch.testing.assert_close(guided, direct, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(cond, uncond)
+
+
+def test_guidance_combines_both_predictions(tiny_sd64):
+    _, cond = encode_prompts(tiny_sd64, ["malignant tumor"])
+    _, uncond = encode_prompts(tiny_sd64, ["blurry"])
+    z = torch.randn(1, 4, 4, 5, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([301])
+    with torch.no_grad():
+        e_c = tiny_sd64.unet(z.double(), t, cond)
+        e_u = tiny_sd64.unet(z.double(), t, uncond)
+    expected = (e_u + 7.5 * (e_c - e_u)).float()
+    torch.testing.assert_close(guided_eps(tiny_sd64.unet, uncond, cond, 7.5)(z, t), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_empty_prompt_tokens_and_metadata(tiny_sd):
+    tokens, _ = encode_prompts(tiny_sd, [""])
+    assert tokens[0].tolist() == [49406] + [49407] * 76       # SD's unconditional prompt
+    result = generate(tiny_sd, ["benign tumor"], [5], negative_prompt="blurry", sampler="ddim",
+                      steps=1, guidance=3.0, show_progress=False, **SIZE)[0]
+    assert result.image.mode == "RGB" and result.image.size == (40, 32)
+    meta = result.metadata
+    assert meta["token_ids"] == encode_prompts(tiny_sd, ["benign tumor"])[0][0].tolist()
+    assert {k: meta[k] for k in ("prompt", "negative_prompt", "seed", "sampler", "steps",
+                                 "guidance", "height", "width", "lora_sha256")} == {
+        "prompt": "benign tumor", "negative_prompt": "blurry", "seed": 5, "sampler": "ddim",
+        "steps": 1, "guidance": 3.0, "height": 32, "width": 40, "lora_sha256": None}
+
+
+def test_low_precision_runs(tiny_sd):
+    bf16 = build_stable_diffusion("tiny", dtype=torch.bfloat16)
+    image = generate(bf16, ["benign tumor"], [0], steps=2, show_progress=False, height=16, width=24)[0]
+    assert image.image.size == (24, 16)
+
+
+def test_long_prompt_warning_names_the_dropped_words(tiny_sd):
+    words = ["breast"] * 74 + ["ultrasound", "zebra", "giraffe"]
+    with pytest.warns(UserWarning, match=r"longer than the text encoder's 77 tokens.*'zebra giraffe'"):
+        encode_prompts(tiny_sd, [" ".join(words)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompts(tiny_sd, [" ".join(words[:75])])
+
+
+def test_png_metadata_round_trip(tmp_path):
+    image = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    meta = {"prompt": "bénign tumour", "negative_prompt": "", "token_ids": [49406, 320, 49407],
+            "seed": 2 ** 62 + 1, "guidance": 7.5, "lora_sha256": None, "prompt_cjk": "乳腺超声",
+            "sampler": "pndm"}
+    path = tmp_path / "x.png"
+    write_png(path, image, meta)
+    assert read_png_metadata(path) == meta
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+    with Image.open(path) as im:
+        assert json.loads(im.text["prompt"]) == "bénign tumour"
+    path.write_bytes(path.read_bytes()[:-30])                  # a torn file
+    with pytest.raises(MeddapError, match="not a complete PNG"):
+        read_png_metadata(path)
+
+
+def _sample_args(checkpoint, out, *extra):
+    return ["sample", "--checkpoint", str(checkpoint), "--prompt", "benign tumor",
+            "--n", "3", "--steps", "2", "--sampler", "ddim", "--height", "16", "--width", "24",
+            "--batch-size", "2", "--seed", "4", "--out", str(out), "--quiet", *extra]
+
+
+def test_cli_writes_images_and_manifest_and_resumes(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(_sample_args(tiny_checkpoint, out)) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00000.png", "00001.png", "00002.png"]
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert [r["file"] for r in rows] == names
+    assert [r["seed"] for r in rows] == [image_seed(4, k) for k in range(3)]
+    meta = read_png_metadata(out / "00001.png")
+    assert meta["checkpoint_sha256"] == sha256_file(tiny_checkpoint)
+    assert meta["index"] == 1 and meta["base_seed"] == 4 and meta["prompt"] == "benign tumor"
+    assert {k: v for k, v in rows[1].items() if k != "file"} == meta
+
+    first = np.asarray(Image.open(out / "00001.png"))
+    (out / "00001.png").unlink()
+    assert main(_sample_args(tiny_checkpoint, out)) == 0          # resume: only 00001 again
+    assert np.array_equal(np.asarray(Image.open(out / "00001.png")), first)
+    assert [r["file"] for r in read_jsonl(out / "manifest.jsonl")] == names + ["00001.png"]
+
+    capsys.readouterr()
+    args = _sample_args(tiny_checkpoint, out)
+    args[args.index("benign tumor")] = "malignant tumor"
+    assert main(args) == 2
+    assert "was made with other settings (prompt: 'benign tumor'" in capsys.readouterr().err
+
+
+def test_cli_with_lora_records_its_hash(tiny_checkpoint, tmp_path):
+    from meddap.lora import inject_lora, save_lora
+    unet = build_stable_diffusion("tiny").unet
+    inject_lora(unet, rank=2, targets="cross", generator=torch.Generator().manual_seed(0))
+    lora = tmp_path / "adapter.safetensors"
+    save_lora(unet, lora)
+    out = tmp_path / "gen"
+    args = _sample_args(tiny_checkpoint, out, "--lora", str(lora))
+    args[args.index("--n") + 1] = "1"
+    assert main(args) == 0
+    assert read_png_metadata(out / "00000.png")["lora_sha256"] == sha256_file(lora)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--height", "100", r"image height 100 is not a positive multiple of 8 pixels"),
+    ("--width", "0", r"image width 0 is not a positive multiple of 8 pixels"),
+    ("--steps", "0", r"number of sampling steps 0 is out of range; choose an integer from 1 to 1000"),
+    ("--steps", "1001", r"number of sampling steps 1001 is out of range"),
+    ("--sampler", "euler", r"unknown sampler 'euler'; choose one of ddpm, ddim, pndm"),
+    ("--dtype", "fp8", r"unknown --dtype 'fp8'; choose one of fp32, fp16, bf16"),
+])
+def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, flag, value, message):
+    args = _sample_args(tiny_checkpoint, tmp_path / "gen")
+    args = args + [flag, value]                                   # the last occurrence wins
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_unwritable_output_folder(tiny_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(_sample_args(tiny_checkpoint, blocker / "gen")) == 2
+    assert "cannot create output folder" in capsys.readouterr().err
