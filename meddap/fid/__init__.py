@@ -1,1 +1,36 @@
+"""FID and KID with an Inception v3 written here (equal to pytorch-fid), and the
+quantity of the authors' fid_calc.py (`meddap.fid.as_released`).
 
+    from meddap.fid import inception_features, frechet_distance, kid
+    feats = inception_features(images, weights="weights/pt_inception-2015-12-05-6726825d.pth")
+    d2 = frechet_distance(mu1, sigma1, mu2, sigma2)
+
+The names are imported on first use (PEP 562), so that `meddap --help`, which
+imports meddap.fid.commands, does not load torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "inception_features": "meddap.fid.inception",
+    "load_fid_inception": "meddap.fid.inception",
+    "FID_DIMS": "meddap.fid.inception",
+    "FID_WEIGHTS_FILE": "meddap.fid.inception",
+    "FID_WEIGHTS_SHA256": "meddap.fid.inception",
+    "FID_WEIGHTS_URL": "meddap.fid.inception",
+    "frechet_distance": "meddap.fid.metrics",
+    "frechet_distance_detail": "meddap.fid.metrics",
+    "feature_statistics": "meddap.fid.metrics",
+    "kid": "meddap.fid.metrics",
+    "per_class": "meddap.fid.metrics",
+    "FrechetResult": "meddap.fid.metrics",
+    "KIDResult": "meddap.fid.metrics",
+    "SqrtMethod": "meddap.fid.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'meddap.fid' has no attribute {name!r}")
