@@ -51,13 +51,14 @@ class CamTarget(Enum):
 
 
 class GradCAM:
-    """`cams, logits = GradCAM(model, arch)(x, classes)`; x (B, 3, H, W)
-    normalised input, classes (B,) int64 or None for the predicted class;
-    cams (B, H, W) float32 in [0, 1]. The model must be in eval mode."""
+    """`cams, logits = GradCAM(model, TARGET_LAYERS[arch])(x, classes)`;
+    x (B, 3, H, W) normalised input, classes (B,) int64 or None for the
+    predicted class; cams (B, H, W) float32 in [0, 1]. `layer` is the path of
+    the module whose output is A. The model must be in eval mode."""
 
-    def __init__(self, model: nn.Module, arch: Arch):
+    def __init__(self, model: nn.Module, layer: str):
         self.model = model
-        self.layer_name = TARGET_LAYERS[arch]
+        self.layer_name = layer
         self.activations: torch.Tensor | None = None    # (B, K, h, w)
         self.gradients: torch.Tensor | None = None      # (B, K, h, w)
         self._handle = model.get_submodule(self.layer_name).register_forward_hook(self._forward_hook)
@@ -154,7 +155,7 @@ def write_gradcam_panels(models: list[str], images: str, out, target: str = "pre
         if mode is CamTarget.TRUE and any(it.label not in classes for it in items):
             raise MeddapError(f"--target true needs every image class in the model's classes "
                               f"{classes}; {images} has {image_set.classes}.")
-        cam_engine = GradCAM(net, parse_arch(meta["arch"]))
+        cam_engine = GradCAM(net, TARGET_LAYERS[parse_arch(meta["arch"])])
         data = to_tensor_set([image_set], image_set.classes, int(meta["size"]))
         for i, it in enumerate(items):
             x = normalise(data.images[i:i + 1].to(device))                      # (1, 3, S, S)
