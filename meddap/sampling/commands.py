@@ -84,9 +84,9 @@ def run_sample(args) -> int:
 
 def _check(cfg: SampleConfig) -> None:
     """Reject bad settings before loading any weights."""
-    from meddap.sampling.samplers import Sampler, check_num_steps
+    from meddap.sampling.samplers import Sampler, check_eta, check_num_steps
     from meddap.sampling.text_to_image import check_guidance, check_size
-    Sampler.parse(cfg.sampler)
+    check_eta(cfg.eta, Sampler.parse(cfg.sampler))
     check_num_steps(cfg.steps)
     check_size(cfg.height, cfg.width)
     check_guidance(cfg.guidance)
@@ -95,8 +95,6 @@ def _check(cfg: SampleConfig) -> None:
     for name, value in (("--n", cfg.n), ("--batch-size", cfg.batch_size)):
         if value < 1:
             raise MeddapError(f"{name} {value} must be at least 1.")
-    if not cfg.eta >= 0:
-        raise MeddapError(f"--eta {cfg.eta} must be 0 or positive.")
     if not Path(cfg.checkpoint).exists():
         raise MeddapError(f"checkpoint {cfg.checkpoint} does not exist; give a SD v1 "
                           f".ckpt/.safetensors file or a diffusers folder.")

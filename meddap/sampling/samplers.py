@@ -22,6 +22,7 @@ generator's device and then moved to x's device (see `draw_noise`).
 """
 from __future__ import annotations
 
+import numbers
 from enum import Enum
 from typing import Callable, Sequence
 
@@ -218,11 +219,23 @@ def visited_timesteps(sampler: "str | Sampler", num_steps: int) -> list[int]:
 
 
 def check_num_steps(num_steps: int, num_train_timesteps: int = 1000) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) \
+    """`num_steps` as an int if it is a whole number from 1 to T, else a MeddapError."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) \
             or not 1 <= num_steps <= num_train_timesteps:
         raise MeddapError(f"number of sampling steps {num_steps!r} is out of range; "
                           f"choose an integer from 1 to {num_train_timesteps}.")
-    return num_steps
+    return int(num_steps)
+
+
+def check_eta(eta: float, sampler: Sampler) -> float:
+    """DDIM's η: a finite number ≥ 0; the other samplers take none (η must stay 0)."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta < float("inf"):
+        raise MeddapError(f"eta {eta!r} must be 0 or positive (0: deterministic DDIM, "
+                          f"1: DDPM's variance).")
+    if eta != 0.0 and sampler is not Sampler.DDIM:
+        raise MeddapError(f"eta={eta} applies to the ddim sampler only; "
+                          f"{sampler.value} takes no eta (leave it at 0).")
+    return float(eta)
 
 
 @torch.no_grad()
@@ -240,11 +253,7 @@ def denoise(eps_fn: EpsFn, x_T: torch.Tensor, scheduler: "str | Sampler" = "pndm
     schedule = schedule if schedule is not None else NoiseSchedule.sd_v1()
     timesteps = leading_timesteps(check_num_steps(num_steps, schedule.num_timesteps),
                                   schedule.num_timesteps)
-    if not eta >= 0.0:
-        raise MeddapError(f"eta {eta!r} must be 0 or positive (0: deterministic DDIM, 1: DDPM variance).")
-    if eta != 0.0 and sampler is not Sampler.DDIM:
-        raise MeddapError(f"eta={eta} applies to the ddim sampler only; "
-                          f"{sampler.value} takes no eta (leave it at 0).")
+    check_eta(eta, sampler)
     if sampler is Sampler.DDPM:
         return ddpm(eps_fn, x_T, schedule, timesteps, generator)
     if sampler is Sampler.DDIM:

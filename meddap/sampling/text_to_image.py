@@ -34,7 +34,7 @@ from PIL import Image, PngImagePlugin
 from meddap.errors import MeddapError
 from meddap.io import atomic_path
 from meddap.progress import Progress
-from meddap.sampling.samplers import Sampler, check_num_steps, denoise, draw_noise
+from meddap.sampling.samplers import Sampler, check_eta, check_num_steps, denoise, draw_noise
 
 # Guidance scale s of the MEDDAP authors' generation (diffusers
 # StableDiffusionPipeline default `guidance_scale=7.5`).
@@ -132,6 +132,7 @@ def generate(sd, prompts: list[str], seeds: list[int], *, negative_prompt: str =
     checkpoint_sha256 (`sd.source_sha256`), lora_sha256 (`sd.lora_sha256`, or None).
     """
     sampler = Sampler.parse(sampler)
+    eta = check_eta(eta, sampler)
     check_num_steps(steps)
     check_size(height, width)
     guidance = check_guidance(guidance)
@@ -145,7 +146,7 @@ def generate(sd, prompts: list[str], seeds: list[int], *, negative_prompt: str =
     latent_shape = (4, height // LATENT_DOWNSAMPLING, width // LATENT_DOWNSAMPLING)
     settings = {
         "negative_prompt": negative_prompt, "sampler": sampler.value, "steps": steps,
-        "guidance": guidance, "eta": float(eta), "height": height, "width": width,
+        "guidance": guidance, "eta": eta, "height": height, "width": width,
         "checkpoint_sha256": getattr(sd, "source_sha256", None),
         "lora_sha256": getattr(sd, "lora_sha256", None),
     }
