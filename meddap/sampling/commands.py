@@ -53,9 +53,9 @@ def register(subparsers) -> None:
     d = SampleConfig("", "", "")
     p = subparsers.add_parser(
         "sample", help="generate images from a prompt (SD v1 + optional LoRA)",
-        description="Text-to-image with classifier-free guidance. Image k is seeded with "
-                    "image_seed(--seed, k), so it is the same whatever --batch-size. "
-                    "Re-run the same command to resume.")
+        description="Text-to-image with classifier-free guidance. Image k draws all its noise "
+                    "from a generator seeded with image_seed(--seed, k), so it gets the same "
+                    "noise whatever --batch-size. Re-run the same command to resume.")
     p.add_argument("--checkpoint", required=True, help="SD v1 .ckpt/.safetensors file or diffusers folder")
     p.add_argument("--lora", default=None, help="LoRA adapter file (meddap or diffusers format)")
     p.add_argument("--prompt", required=True)
@@ -69,7 +69,8 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, default=d.height, help="multiple of 8 (default %(default)s)")
     p.add_argument("--width", type=int, default=d.width, help="multiple of 8 (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, dest="batch_size")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, dest="batch_size",
+                   help="images per UNet call (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder (created; resumable)")
     p.add_argument("--device", default=None, help='e.g. "cuda", "cuda:1", "cpu" (default: cuda if available)')
     p.add_argument("--dtype", default=d.dtype, help="fp32 | fp16 | bf16 (default %(default)s)")
@@ -143,6 +144,8 @@ def sample(cfg: SampleConfig) -> int:
     from meddap.sampling.text_to_image import generate, image_seed, write_png
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise MeddapError(f"--device {device}: no CUDA device is available here; use --device cpu.")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     sd = load_stable_diffusion(cfg.checkpoint, device=device, dtype=dtype)
     if cfg.lora is not None:

@@ -142,8 +142,9 @@ def generate(sd, prompts: list[str], seeds: list[int], *, negative_prompt: str =
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MeddapError(f"batch size {batch_size!r} must be a positive integer.")
 
-    neg_tokens, neg_hidden = encode_prompts(sd, [negative_prompt])      # (1, 77), (1, 77, D)
-    latent_shape = (4, height // LATENT_DOWNSAMPLING, width // LATENT_DOWNSAMPLING)
+    _, neg_hidden = encode_prompts(sd, [negative_prompt])               # (1, 77, D)
+    latent_shape = (sd.config.unet.in_channels,                         # (4, H/8, W/8)
+                    height // LATENT_DOWNSAMPLING, width // LATENT_DOWNSAMPLING)
     settings = {
         "negative_prompt": negative_prompt, "sampler": sampler.value, "steps": steps,
         "guidance": guidance, "eta": eta, "height": height, "width": width,
