@@ -21,6 +21,7 @@ import json
 import math
 import mmap
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -213,12 +214,18 @@ def _load_pickle(path: Path):
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise MeddapError(f"{path}: refused or unreadable pickle: {str(e).splitlines()[0]} "
-                          f"meddap loads only tensors, containers and pytorch_lightning objects "
-                          f"(as inert stand-ins).") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise MeddapError(f"{path}: cannot read this torch file ({str(e).splitlines()[0]}); "
-                          f"it is truncated, damaged or not a torch checkpoint.") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise MeddapError(f"{path}: refused: its pickle refers to {found.group(1)}, which is not a "
+                              f"tensor, container or pytorch_lightning class; loading it could run code "
+                              f"from the file. Use a .safetensors copy from a trusted source.") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise MeddapError(f"{path}: cannot read this torch file ({detail}); it is truncated, damaged "
+                          f"or not a torch checkpoint.") from None
+    except Exception as e:                          # the unpickler raises many types on damaged bytes
+        raise MeddapError(f"{path}: cannot read this torch file ({type(e).__name__}: "
+                          f"{str(e).split('. ')[0] if str(e) else 'no detail'}); it is truncated, "
+                          f"damaged or not a torch checkpoint.") from None
 
 
 def _numpy_global(name: str):
