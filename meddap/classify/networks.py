@@ -133,6 +133,10 @@ def load_imagenet_body(model: nn.Module, arch: Arch, state: dict[str, torch.Tens
     the key sets must match exactly and every body shape must agree."""
     head = set(HEAD_KEYS[arch])
     ours = model.state_dict()
+    # Files saved before PyTorch 0.4.1 (densenet121-a639ec97.pth among them) lack
+    # BatchNorm's `num_batches_tracked`; BatchNorm fills it with 0 on load, as do we.
+    state = {**{k: torch.zeros((), dtype=torch.long) for k in ours
+                if k.endswith(".num_batches_tracked") and k not in state}, **state}
     missing = sorted(set(ours) - set(state))
     unexpected = sorted(set(state) - set(ours))
     if missing or unexpected:
