@@ -303,7 +303,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(groups, ch, eps=RESBLOCK_NORM_EPS),
             nn.SiLU(),
-            nn.Conv2d(mc, cfg.out_channels, 3, padding=1),
+            nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
         )
 
     @property
