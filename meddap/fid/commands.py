@@ -143,10 +143,15 @@ def _as_released(args, sets, cache_dir, device) -> tuple[dict, list]:
 
 
 def run_fid(args: argparse.Namespace) -> int:
+    from meddap.errors import MeddapError
     from meddap.fid.stats_cache import default_cache_dir, resolve_folder
     from meddap.io import write_json_atomic
 
     sets = [resolve_folder(args.dir_a), resolve_folder(args.dir_b)]
+    for spec, s in zip((args.dir_a, args.dir_b), sets):
+        if len(s.items) < 2:
+            raise MeddapError(f"{spec} has {len(s.items)} image; a mean and covariance need "
+                              f"at least 2 images per set.")
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     device = _device(args.device)
     run = _standard if Formula(args.formula) is Formula.STANDARD else _as_released

@@ -74,19 +74,20 @@ def _check_stats(mu1, sigma1, mu2, sigma2):
     return mu1, sigma1, mu2, sigma2
 
 
-def _rank(eigenvalues: np.ndarray) -> int:
-    """Numerical rank of a symmetric matrix from its eigenvalues (numpy.linalg.matrix_rank's tolerance)."""
+def _nonzero(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with round-off set to 0: those at or below
+    numpy.linalg.matrix_rank's tolerance λ_max·d·eps (√ would amplify them)."""
     tol = max(eigenvalues.max(initial=0.0), 0.0) * eigenvalues.shape[0] * np.finfo(np.float64).eps
-    return int((eigenvalues > tol).sum())
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
 
 
 def _trace_sqrt_eigen(sigma1, sigma2) -> tuple[float, int]:
     """Tr((Σ₁Σ₂)^{1/2}) = Σᵢ √λᵢ(Σ₁^{1/2} Σ₂ Σ₁^{1/2}), and the rank of Σ₁Σ₂."""
     w, v = np.linalg.eigh(sigma1)                       # Σ₁ = v diag(w) vᵀ
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # Σ₁^{1/2}, (d, d)
+    root1 = (v * np.sqrt(_nonzero(w))) @ v.T            # Σ₁^{1/2}, (d, d)
     a = root1 @ sigma2 @ root1                          # (d, d), symmetric PSD
-    lam = np.linalg.eigvalsh((a + a.T) / 2)
-    return float(np.sqrt(np.clip(lam, 0.0, None)).sum()), _rank(lam)
+    lam = _nonzero(np.linalg.eigvalsh((a + a.T) / 2))
+    return float(np.sqrt(lam).sum()), int(np.count_nonzero(lam))
 
 
 def _trace_sqrt_schur(sigma1, sigma2) -> tuple[float, float]:
