@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
-from meddap.classify.tables import build_tables, load_cells, write_tables
+from meddap.classify.tables import build_tables, load_cells
 from meddap.cli import main
 from meddap.errors import MeddapError
 

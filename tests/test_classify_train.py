@@ -70,6 +70,10 @@ def test_cli_train_and_eval_each_architecture(arch, data, tmp_path, capsys):
     for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "confusion", "ci95"):
         assert key in result
     assert np.sum(result["confusion"]) == 3 and result["imagenet_init"] is False
+    assert main(["classify", "gradcam", "--model", str(out), "--images", str(data["val"]),
+                 "--out", str(tmp_path / "cam"), "--limit", "1"]) == 0
+    with Image.open(tmp_path / "cam" / "benign_benign (0).png") as im:
+        assert im.size == (2 * 32, 32 + 26)                   # input | overlay, caption strip
 
 
 def test_conditions_start_from_identical_weights(data, tmp_path):
@@ -91,6 +95,10 @@ def test_conditions_start_from_identical_weights(data, tmp_path):
     assert state_sha256(fresh.state_dict) == a["train"]["init"]["init_sha256"]
     # cross-dataset cell: 3-class model on benign/malignant data, macro over the 2 present
     assert a["evaluations"]["dataset_b"]["macro_over"] == ["benign", "malignant"]
+    # data classes the model never saw are refused
+    other = _phantoms(tmp_path / "other", 1, 5, classes=("benign", "cyst"))
+    with pytest.raises(MeddapError, match=r"\['cyst'\] that the model"):
+        evaluate(tmp_path / "w_real", str(other))
     # a finished cell is not recomputed
     path = cell_path(tmp_path / "res", Arch.SQUEEZENET1_1, "real", 0)
     stamp = path.stat().st_mtime_ns
@@ -98,7 +106,7 @@ def test_conditions_start_from_identical_weights(data, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
-    straight = train_classifier(_cfg(data, tmp_path / "straight", epochs=3))
+    straight = train_classifier(_cfg(data, tmp_path / "straight", epochs=2))
     # a kill while writing the checkpoint of epoch 2
     real_save = train_mod._save_torch
     calls = {"n": 0}
@@ -112,10 +120,10 @@ def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "_save_torch", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train_classifier(_cfg(data, tmp_path / "resumed", epochs=3))
+        train_classifier(_cfg(data, tmp_path / "resumed", epochs=2))
     monkeypatch.setattr(train_mod, "_save_torch", real_save)
     assert torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)["epoch"] == 1
-    resumed = train_classifier(_cfg(data, tmp_path / "resumed", epochs=3))
+    resumed = train_classifier(_cfg(data, tmp_path / "resumed", epochs=2))
     s1 = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
     s2 = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
     for key in s1["model"]:
@@ -125,7 +133,9 @@ def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
     assert drop(s1["log"]) == drop(s2["log"])
     assert straight["best_epoch"] == resumed["best_epoch"]
     with pytest.raises(MeddapError, match="settings"):
-        train_classifier(_cfg(data, tmp_path / "resumed", epochs=3, lr=0.5))
+        train_classifier(_cfg(data, tmp_path / "resumed", epochs=2, lr=0.5))
+    with pytest.raises(MeddapError, match="fewer"):
+        train_classifier(_cfg(data, tmp_path / "resumed", epochs=1))
 
 
 def test_validation_class_missing_from_training(data, tmp_path):
@@ -145,13 +155,6 @@ def test_unknown_architecture(data, tmp_path, capsys):
                  "--val", str(data["val"]), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown architecture 'vgg16'" in err and "squeezenet1.1" in err
-
-
-def test_eval_refuses_classes_unknown_to_model(data, tmp_path):
-    train_classifier(_cfg(data, tmp_path / "m"))
-    other = _phantoms(tmp_path / "other", 1, 5, classes=("benign", "cyst"))
-    with pytest.raises(MeddapError, match=r"\['cyst'\] that the model"):
-        evaluate(tmp_path / "m", str(other))
 
 
 def test_corrupt_weight_file(data, tmp_path):

@@ -240,7 +240,7 @@ def _md(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
 
 
-def _metrics_md(rows: list[dict], title: str) -> str:
+def _metrics_md(rows: list[dict], title: str, metric: str) -> str:
     header = ["network", "condition"] + [f"{m} %" for m in METRIC_NAMES] + [
         "p (paired t)", "p (Nadeau-Bengio)", "Holm p (paired / N-B)"]
     body = []
@@ -248,10 +248,10 @@ def _metrics_md(rows: list[dict], title: str) -> str:
         holm_txt = (f"{_fmt_p(r['p_paired_holm'])} / {_fmt_p(r['p_corrected_holm'])} "
                     f"(m={r['holm_family']})" if "p_paired_holm" in r else "")
         body.append([r["network"], r["condition"]] + [_fmt(r[m], r[m + "_std"]) for m in METRIC_NAMES]
-                    + [_fmt_p(r.get("p_paired_accuracy", float("nan"))) if "test_paired" in r else "",
-                       _fmt_p(r.get("p_corrected_accuracy", float("nan"))) if "test_corrected" in r else "",
+                    + [_fmt_p(r[f"p_paired_{metric}"]) if "test_paired" in r else "",
+                       _fmt_p(r[f"p_corrected_{metric}"]) if "test_corrected" in r else "",
                        holm_txt])
-    note = ("\np-values compare the accuracy of the best condition with real only, fold by fold: "
+    note = (f"\np-values compare the {metric} of the best condition with real only, fold by fold: "
             "paired t-test (Student, as MEDDAP) and corrected resampled t-test (Nadeau & Bengio "
             "2003); Holm over all conditions of the network. Per-metric p-values are in the CSV.\n")
     return f"## {title}\n\n" + _md(header, body) + note
@@ -282,9 +282,10 @@ def write_tables(results: str | Path, out: str | Path, metric: str = "accuracy")
         body.append([adjective or "real only", "—" if adjective is None else f"+{round(ratio * 100)}%"]
                     + [cell.get(n, "") for n in nets])
     md.append("## Table 1: Dataset A accuracy by adjective × ratio × network\n\n" + _md(header, body))
-    md.append(_metrics_md(t["table2"], "Table 2: best condition vs real only (Dataset A)"))
+    md.append(_metrics_md(t["table2"], "Table 2: best condition vs real only (Dataset A)", metric))
     if t["table3"]:
-        md.append(_metrics_md(t["table3"], "Table 3: unseen Dataset B (condition chosen on Dataset A)"))
+        md.append(_metrics_md(t["table3"], "Table 3: unseen Dataset B (condition chosen on Dataset A)",
+                              metric))
     if t["fig1a"]:
         sets = list(dict.fromkeys(r["synthetic_set"] for r in t["fig1a"]))
         md.append("## Fig. 1a: real-only networks scored on each synthetic set (accuracy %)\n\n" + _md(

@@ -223,6 +223,9 @@ def train_classifier(cfg: TrainConfig) -> dict:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start, best_acc, best_epoch, rows = (state["epoch"], state["best_acc"],
                                              state["best_epoch"], state["log"])
+        if start > cfg.epochs:
+            raise MeddapError(f"{out} holds a run of {start} epochs; --epochs {cfg.epochs} asks "
+                              f"fewer. Use --epochs {start} or more, or another --out folder.")
         if start < cfg.epochs:
             print(f"classify: resuming {out} after epoch {start}")
 
