@@ -93,6 +93,46 @@ def test_guidance_combines_both_predictions(tiny_sd64):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler,steps", [("pndm", 3), ("ddpm", 2)])
+def test_matches_diffusers_stable_diffusion_pipeline(sampler, steps):
+    """End to end against diffusers' StableDiffusionPipeline holding the same weights
+    (converted by diffusers' own single-file code) and SD v1.4's scheduler: same CFG
+    batch order and formula, initial noise and DDPM step noise from the same per-image
+    generators, latent scale, decode and 8-bit conversion.
+
+    The UNet's last conv is scaled by 0.05: a random UNet under guidance 7.5 is so
+    chaotic that a 1e-7 change of z_T moves the latents by ~10% after 3 steps, which
+    would hide any comparison; a small ε keeps the dynamics tame.
+    """
+    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from oracles import diffusers_unet_from_ours, diffusers_vae_from_ours
+    torch.manual_seed(0)
+    sd = build_stable_diffusion("tiny")
+    with torch.no_grad():
+        sd.unet.out[2].weight.mul_(0.05)
+        sd.unet.out[2].bias.mul_(0.05)
+    config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = (PNDMScheduler(**config, set_alpha_to_one=False, skip_prk_steps=True)
+                 if sampler == "pndm" else DDPMScheduler(**config, clip_sample=False))
+    pipe = StableDiffusionPipeline(
+        vae=diffusers_vae_from_ours(sd.vae.state_dict(), sd.config.vae),
+        unet=diffusers_unet_from_ours(sd.unet.state_dict(), sd.config.unet),
+        text_encoder=None, tokenizer=None, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["benign tumor", "no tumor"], [image_seed(0, k) for k in range(2)]
+    ours = _pixels(generate(sd, prompts, seeds, sampler=sampler, steps=steps, guidance=7.5,
+                            batch_size=2, show_progress=False, height=16, width=24))
+    ref = pipe(prompt_embeds=encode_prompts(sd, prompts)[1],
+               negative_prompt_embeds=encode_prompts(sd, ["", ""])[1],
+               num_inference_steps=steps, guidance_scale=7.5, height=16, width=24,
+               generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+    ref = (ref * 255).round().astype(int)                      # diffusers' numpy_to_pil
+    assert np.abs(np.stack(ours).astype(int) - ref).max() <= 1
+    assert ref.std() > 10                                      # not a flat image
+
+
 def test_empty_prompt_tokens_and_metadata(tiny_sd):
     tokens, _ = encode_prompts(tiny_sd, [""])
     assert tokens[0].tolist() == [49406] + [49407] * 76       # SD's unconditional prompt
