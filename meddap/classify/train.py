@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state)
@@ -88,14 +89,17 @@ _CACHE_LIMIT_BYTES = 1 << 30          # ~1 GiB: real images re-read across condi
 
 
 def load_image_tensor(path: Path, size: int) -> torch.Tensor:
-    """RGB image -> (3, size, size) uint8, bilinear resize (the released
-    transforms.Resize((224, 224))), memoised in a bounded LRU cache."""
-    st = path.stat()
+    """RGB image -> (3, size, size) uint8, PIL bilinear resize to a square
+    (224 x 224 as released; aspect ratio not kept), memoised in a bounded LRU cache."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise MeddapError(f"cannot read image {path}: {e.strerror}; was it moved or deleted?") from e
     key = (str(path), st.st_mtime_ns, st.st_size, size)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    im = load_rgb(path).resize((size, size), resample=2)  # 2 = PIL bilinear
+    im = load_rgb(path).resize((size, size), resample=Image.Resampling.BILINEAR)
     t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # (H,W,3)->(3,H,W)
     _CACHE[key] = t
     while len(_CACHE) * t.numel() > _CACHE_LIMIT_BYTES:
