@@ -17,6 +17,7 @@ inputs back to that range; we feed [-1, 1] directly, as Keras does).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,12 +38,16 @@ DEFAULT_IMAGENET_WEIGHTS = Path("weights") / IMAGENET_WEIGHTS_FILE
 AUX_PREFIX = "AuxLogits."
 
 
+@dataclass(frozen=True)
 class ImageNetInception:
-    """The loaded ImageNet network with the provenance of its weights."""
+    """The loaded ImageNet network (eval mode, no gradients) and where its weights came from."""
+    model: InceptionV3
+    path: Path
+    sha256: str
 
-    def __init__(self, model: InceptionV3, path: Path, sha256: str):
-        self.model, self.path, self.sha256 = model, path, sha256
-        self.official = sha256.startswith(IMAGENET_WEIGHTS_SHA256_PREFIX)
+    @property
+    def official(self) -> bool:
+        return self.sha256.startswith(IMAGENET_WEIGHTS_SHA256_PREFIX)
 
     @property
     def device(self) -> torch.device:

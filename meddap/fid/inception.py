@@ -26,6 +26,7 @@ Feature taps (pytorch-fid's block indices 0..3), spatially averaged:
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -306,15 +307,19 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> N
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise MeddapError(f"weights file {path} has tensors of the wrong shape: {e}") from e
+        raise MeddapError(f"weights file {path} does not load into the network: {e}") from e
 
 
+@dataclass(frozen=True)
 class FIDInception:
-    """The loaded FID network with the provenance of its weights."""
+    """The loaded FID network (eval mode, no gradients) and where its weights came from."""
+    model: InceptionV3
+    path: Path
+    sha256: str
 
-    def __init__(self, model: InceptionV3, path: Path, sha256: str):
-        self.model, self.path, self.sha256 = model, path, sha256
-        self.official = sha256 == FID_WEIGHTS_SHA256
+    @property
+    def official(self) -> bool:
+        return self.sha256 == FID_WEIGHTS_SHA256
 
     @property
     def device(self) -> torch.device:
@@ -348,25 +353,33 @@ def inception_features(images: torch.Tensor, weights: str | Path | FIDInception 
                        device: str | torch.device | None = None) -> np.ndarray:
     """FID Inception features of images (N, 3, H, W) float in [0, 1] -> (N, dims) float64.
 
-    `weights` is the path of pytorch-fid's weight file or an already loaded
-    FIDInception. Features are computed in float32 and returned as float64,
-    as pytorch-fid's get_activations does.
+    `weights` is the path of pytorch-fid's weight file, loaded on `device`
+    (default cpu), or an already loaded FIDInception, which runs where it is.
+    Features are computed in float32 and returned as float64, as pytorch-fid's
+    get_activations does.
     """
     check_dims(dims)
-    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise MeddapError(f"images must be a float tensor (N, 3, H, W) in [0, 1]; "
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != 3 or not images.is_floating_point():
+        raise MeddapError(f"images must be a float tensor (N, 3, H, W) in [0, 1] with N >= 1; "
                           f"got {images.dtype} of shape {tuple(images.shape)}.")
     if batch_size < 1:
         raise MeddapError(f"batch size {batch_size} must be at least 1.")
-    net = weights if isinstance(weights, FIDInception) else load_fid_inception(weights, device or "cpu")
-    device = torch.device(device) if device is not None else net.device
-    net.model.to(device)
-    out = np.empty((images.shape[0], dims), dtype=np.float64)
+    if isinstance(weights, FIDInception):
+        net = weights
+        if device is not None and torch.device(device) != net.device:
+            raise MeddapError(f"the network was loaded on {net.device}, but device {device} was asked; "
+                              f"load it there with load_fid_inception(path, device).")
+    else:
+        net = load_fid_inception(weights, device or "cpu")
+    return np.concatenate([_embed(net, images[s:s + batch_size], dims)
+                           for s in range(0, images.shape[0], batch_size)])   # (N, dims)
+
+
+def _embed(net: FIDInception, x: torch.Tensor, dims: int) -> np.ndarray:
+    """x: (B, 3, H, W) in [0, 1] -> (B, dims) float64."""
     with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(device, torch.float32)
-            out[start:start + x.shape[0]] = net.model(fid_preprocess(x), (dims,))[dims].cpu().numpy()
-    return out
+        x = fid_preprocess(x.to(net.device, torch.float32))
+        return net.model(x, (dims,))[dims].cpu().numpy().astype(np.float64)
 
 
 def load_image_01(path: Path) -> torch.Tensor:
@@ -390,12 +403,7 @@ def load_image_01(path: Path) -> torch.Tensor:
 def fid_extractor(net: FIDInception, dims: int = 2048) -> FeatureExtractor:
     """Standard FID features of image files (float64, like pytorch-fid)."""
     check_dims(dims)
-
-    def embed(batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            x = fid_preprocess(batch.to(net.device))
-            return net.model(x, (dims,))[dims].cpu().numpy().astype(np.float64)  # (B, dims)
-
     settings = {"network": InceptionGraph.FID_TF2015.value, "weights_sha256": net.sha256,
                 "dims": dims, "input": "rgb-totensor-bilinear299-2x-1"}
-    return FeatureExtractor(settings=settings, prepare=load_image_01, embed=embed)
+    return FeatureExtractor(settings=settings, prepare=load_image_01,
+                            embed=lambda batch: _embed(net, batch, dims))
