@@ -203,6 +203,14 @@ def test_cli_writes_images_and_manifest_and_resumes(tiny_checkpoint, tmp_path, c
     assert np.array_equal(np.asarray(Image.open(out / "00001.png")), first)
     assert [r["file"] for r in read_jsonl(out / "manifest.jsonl")] == names + ["00001.png"]
 
+    # Killed between a PNG and its manifest line: the line is restored, nothing resampled.
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(manifest)[:2]))
+    mtime = (out / "00002.png").stat().st_mtime_ns
+    assert main(_sample_args(tiny_checkpoint, out)) == 0
+    assert [r["file"] for r in read_jsonl(manifest)] == ["00000.png", "00001.png", "00002.png"]
+    assert (out / "00002.png").stat().st_mtime_ns == mtime
+
     capsys.readouterr()
     args = _sample_args(tiny_checkpoint, out)
     args[args.index("benign tumor")] = "malignant tumor"
