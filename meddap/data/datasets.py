@@ -4,15 +4,26 @@ A dataset is a folder with one sub-folder per class. BUSI keeps lesion masks
 beside the images (`benign (1)_mask.png`, `benign (1)_mask_1.png`); they are
 never images but are kept as masks of their image.
 
+Three layouts are recognised (`detect_layout`): BUSI (classes benign,
+malignant, normal, with masks), Dataset B (the Kaggle test set: benign and
+malignant only, no masks) and any other ImageFolder. All load the same way;
+the layout only tells `meddap dataset-info` what it is looking at. A folder
+whose sub-folders are parts (train/, val/, test/) is refused with a hint to
+pick one part.
+
 `resolve_images(spec)` is the one entry point the other stages use. `spec` is
 either a folder, or `SPLIT.json:FOLD:PART` (e.g. `split.json:0:train`), a view
 of one part of one fold of a split manifest written by `meddap split`.
+Images are only listed there; `check_readable` (or `check=True`) opens every
+file and moves the ones that cannot be decoded to `unreadable`, and
+`strict=True` turns any unreadable file into an error naming it.
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +32,15 @@ from meddap.errors import MeddapError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MASK_RE = re.compile(r"^(?P<stem>.*)_mask(_\d+)?$")
+BUSI_CLASSES = ("benign", "malignant", "normal")      # paper_facts.md, Data: Dataset A
+DATASET_B_CLASSES = ("benign", "malignant")           # paper_facts.md, Data: Dataset B
+PART_NAMES = ("train", "val", "valid", "validation", "test")
+
+
+class Layout(Enum):
+    BUSI = "busi"                 # benign/ malignant/ normal/ (some of them), masks beside images
+    DATASET_B = "dataset-b"       # benign/ malignant/ only, no masks
+    IMAGEFOLDER = "imagefolder"   # any other class names
 
 
 @dataclass(frozen=True)
@@ -36,9 +56,18 @@ class ImageSet:
     items: list[Item]
     masks: dict[Path, list[Path]] = field(default_factory=dict)  # image -> its masks
     unreadable: list[Path] = field(default_factory=list)
+    orphan_masks: list[Path] = field(default_factory=list)       # masks with no image beside them
 
-    def label_ids(self) -> list[int]:
-        index = {c: i for i, c in enumerate(self.classes)}
+    def label_ids(self, classes: list[str] | None = None) -> list[int]:
+        """Class index of every item in `classes` (default: this set's own
+        classes). Pass a model's class list to score Dataset B (benign,
+        malignant) with a 3-class BUSI model: labels are matched by name."""
+        names = list(self.classes if classes is None else classes)
+        missing = sorted({it.label for it in self.items} - set(names))
+        if missing:
+            raise MeddapError(f"images of {self.root} have class(es) {missing} that are not in "
+                              f"the class list {names}.")
+        index = {c: i for i, c in enumerate(names)}
         return [index[it.label] for it in self.items]
 
     def counts(self) -> dict[str, int]:
@@ -68,8 +97,13 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise MeddapError(f"cannot read image {path}: {e}; expected a PNG/JPEG/BMP/TIFF file.") from e
 
 
-def scan_folder(root: str | Path, classes: list[str] | None = None) -> ImageSet:
-    """List `root/{class}/*` images (masks excluded and attached to their image)."""
+def scan_folder(root: str | Path, classes: list[str] | None = None, *, check: bool = False,
+                strict: bool = False) -> ImageSet:
+    """List `root/{class}/*` images (masks excluded and attached to their image).
+
+    A class folder may be empty; a dataset with no image at all is an error.
+    With `check` (implied by `strict`), every image is opened: see `check_readable`.
+    """
     root = Path(root)
     if not root.is_dir():
         raise MeddapError(f"dataset folder {root} does not exist; expected a folder "
@@ -80,8 +114,13 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> ImageSet:
     if not classes:
         raise MeddapError(f"dataset folder {root} has no class sub-folders; expected "
                           f"e.g. {root}/benign/*.png, {root}/malignant/*.png.")
+    parts = [c for c in classes if c.lower() in PART_NAMES]
+    if parts and len(parts) == len(classes):
+        raise MeddapError(f"dataset folder {root} holds parts ({', '.join(parts)}), not classes; "
+                          f"pass one part, e.g. {root / parts[0]}.")
     items: list[Item] = []
     masks: dict[Path, list[Path]] = {}
+    orphans: list[Path] = []
     for c in classes:
         folder = root / c
         if not folder.is_dir():
@@ -93,8 +132,63 @@ def scan_folder(root: str | Path, classes: list[str] | None = None) -> ImageSet:
             m = _MASK_RE.match(p.stem)
             if m and m.group("stem") in images:
                 masks.setdefault(images[m.group("stem")].resolve(), []).append(p.resolve())
+            elif m:
+                orphans.append(p.resolve())
         items += [Item(p.resolve(), c) for p in images.values()]
-    return ImageSet(root=root.resolve(), classes=list(classes), items=items, masks=masks)
+    if not items:
+        raise MeddapError(f"dataset folder {root} has class folders ({', '.join(classes)}) but no "
+                          f"images in them; expected files ending in {', '.join(IMAGE_SUFFIXES)}.")
+    image_set = ImageSet(root=root.resolve(), classes=list(classes), items=items, masks=masks,
+                         orphan_masks=orphans)
+    return check_readable(image_set, strict) if check or strict else image_set
+
+
+def check_readable(image_set: ImageSet, strict: bool = False) -> ImageSet:
+    """Decode every image; unreadable ones move from `items` to `unreadable`.
+    With `strict`, any unreadable file is an error that lists them by path."""
+    good, bad = [], list(image_set.unreadable)
+    for it in image_set.items:
+        try:
+            load_rgb(it.path)
+            good.append(it)
+        except MeddapError:
+            bad.append(it.path)
+    if bad and strict:
+        shown = "\n  ".join(str(p) for p in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise MeddapError(f"{len(bad)} unreadable image file(s) in {image_set.root} (strict mode):"
+                          f"\n  {shown}{more}\nremove or replace them, or run without --strict "
+                          f"to skip them.")
+    image_set.items, image_set.unreadable = good, bad
+    return image_set
+
+
+def detect_layout(image_set: ImageSet) -> Layout:
+    """BUSI if the classes are among benign/malignant/normal and masks exist (or
+    normal is present); Dataset B for exactly benign and malignant without
+    masks; otherwise a plain ImageFolder."""
+    names = set(image_set.classes)
+    if names == set(DATASET_B_CLASSES) and not image_set.masks:
+        return Layout.DATASET_B
+    if names <= set(BUSI_CLASSES) and (image_set.masks or "normal" in names):
+        return Layout.BUSI
+    return Layout.IMAGEFOLDER
+
+
+def describe(image_set: ImageSet) -> dict:
+    """The record `meddap dataset-info --json` prints: per-class image counts,
+    mask files per class, unreadable files and orphan masks (lists of paths)."""
+    mask_counts = {c: 0 for c in image_set.classes}
+    with_mask = {c: 0 for c in image_set.classes}
+    for it in image_set.items:
+        n = len(image_set.masks.get(it.path, []))
+        mask_counts[it.label] += n
+        with_mask[it.label] += n > 0
+    return {"root": str(image_set.root), "layout": detect_layout(image_set).value,
+            "classes": image_set.counts(), "total": len(image_set.items),
+            "masks": mask_counts, "images_with_masks": with_mask,
+            "unreadable": [str(p) for p in image_set.unreadable],
+            "orphan_masks": [str(p) for p in image_set.orphan_masks]}
 
 
 def read_split(spec: str) -> ImageSet:
@@ -128,12 +222,14 @@ def read_split(spec: str) -> ImageSet:
     return ImageSet(root=root, classes=list(classes), items=items)
 
 
-def resolve_images(spec: str | Path) -> ImageSet:
-    """A folder of class folders, or `SPLIT.json:FOLD:PART`."""
+def resolve_images(spec: str | Path, *, check: bool = False, strict: bool = False) -> ImageSet:
+    """A folder of class folders, or `SPLIT.json:FOLD:PART`; `check`/`strict`
+    as in `scan_folder`."""
     s = str(spec)
     if Path(s).is_dir():
-        return scan_folder(s)
+        return scan_folder(s, check=check, strict=strict)
     if ".json:" in s:
-        return read_split(s)
+        image_set = read_split(s)
+        return check_readable(image_set, strict) if check or strict else image_set
     raise MeddapError(f"{s} is neither a dataset folder nor a split spec "
                       f"SPLIT.json:FOLD:PART (e.g. split.json:0:train).")
