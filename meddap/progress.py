@@ -1,7 +1,7 @@
 """A dependency-free progress bar with rate and ETA, written to stderr.
 
 `for x in progress(items, desc="sampling"):` prints at most ~4 updates a second,
-and nothing at all when disabled (tests, `--quiet`) .
+and nothing at all when disabled (tests, `--quiet`).
 """
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ class Progress:
         if postfix is not None:
             self.postfix = postfix
         now = time.monotonic()
-        if self.enabled and (now - self._last >= self.min_interval
-                             or (self.total is not None and self.n >= self.total)):
+        if self.enabled and now - self._last >= self.min_interval:  # close() draws the last state
             self._last = now
             self._draw(now)
 
