@@ -1,0 +1,171 @@
+"""OUT/report.md of `meddap run`: sample grids, the USLoRA loss curve, FID/KID,
+the classifier tables, the adaptation check and the Grad-CAM overlays.
+
+Pictures are drawn with PIL (matplotlib is not a dependency) and written next
+to the report under OUT/figures/.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from meddap.io import atomic_path, write_text_atomic
+from meddap.pipeline.config import FeatureSpace, RunConfig
+
+GRID_COLUMNS = 6
+THUMB = 64
+CHANCE_MARGIN = 0.15        # "near chance": within 15 points of 1/k
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def sample_grid(rows: list[tuple[str, list[Path]]], path: Path, columns: int = GRID_COLUMNS) -> Path:
+    """One labelled row of `columns` thumbnails per (label, images)."""
+    label_w = 120
+    grid = Image.new("RGB", (label_w + columns * THUMB, len(rows) * THUMB), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * THUMB + THUMB // 2 - 6), label, fill="black")
+        for c, p in enumerate(images[:columns]):
+            grid.paste(Image.open(p).convert("RGB").resize((THUMB, THUMB)), (label_w + c * THUMB, r * THUMB))
+    _save(grid, path)
+    return path
+
+
+def loss_curve(csv_path: Path, path: Path, size: tuple[int, int] = (480, 240), smooth: int = 20) -> Path:
+    """The USLoRA training loss per step (grey) and its running mean over `smooth` steps (blue)."""
+    with open(csv_path, encoding="utf-8") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    W, H = size
+    pad = 36
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1.0
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        return (pad + (W - 2 * pad) * i / max(len(losses) - 1, 1), H - pad - (H - 2 * pad) * (v - lo) / (hi - lo))
+
+    draw.line([(pad, pad), (pad, H - pad), (W - pad, H - pad)], fill="black")
+    draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190))
+    means = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
+             for i in range(len(losses))]
+    draw.line([xy(i, v) for i, v in enumerate(means)], fill=(31, 119, 180), width=2)
+    draw.text((pad, 8), f"USLoRA loss (MEDDAP Eq. 1), {len(losses)} steps; mean of {smooth} in blue", fill="black")
+    draw.text((4, pad - 6), f"{hi:.3f}", fill="black")
+    draw.text((4, H - pad - 6), f"{lo:.3f}", fill="black")
+    draw.text((W - pad - 30, H - pad + 6), f"step {len(losses)}", fill="black")
+    _save(img, path)
+    return path
+
+
+def _rel(path: Path | str, out: Path) -> str:
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
+def _fid_section(cfg: RunConfig, fold: dict) -> list[str]:
+    fid = fold["fid"]
+    lines = [f"### Fold {fold['fold']}: distance of each synthetic set to the fold's real training images", ""]
+    if fid["feature_space"] == FeatureSpace.PIXELS.value:
+        lines += [f"**These are NOT FID values.** The FID Inception weights (`{cfg.fid.inception_weights}`) "
+                  f"are not present, so the Fréchet distance and KID are computed on a documented substitute "
+                  f"feature map: each image as a 16 x 16 grey thumbnail (256 values in [0, 1], bilinear PIL "
+                  f"resize). Compare them only with each other.", ""]
+        head = "| set | images | Fréchet distance (pixels, not FID) | KID (pixels, not KID) |"
+    else:
+        head = "| set | images | FID | KID |"
+    lines += [head, "|---|---|---|---|"]
+    for name, row in fid["sets"].items():
+        k = f"{row['kid']:.4f} ± {row['kid_std']:.4f}" if "kid" in row else "—"
+        lines.append(f"| {name} | {row['n']} | {row['frechet']:.4f} | {k} |")
+    return lines + [""]
+
+
+def _check_section(fold: dict) -> list[str]:
+    check = fold["classify"]["check"]
+    if not check:
+        return []
+    lines = ["## Does adaptation work? (the demo's check)", "",
+             "A classifier trained on the real images only classifies images generated with the class "
+             "prompts, once by the adapted base (USLoRA) and once by the base without adapters (same "
+             "prompts, same seeds):", "",
+             "| network | adapted: accuracy | unadapted base: accuracy | chance |", "|---|---|---|---|"]
+    nets = sorted({k.split("/")[0] for k in check})
+    for net in nets:
+        a, b = check[f"{net}/adapted"], check[f"{net}/base"]
+        chance = 1 / len(a["classes"])
+        lines.append(f"| {net} | **{a['accuracy']:.1%}** | **{b['accuracy']:.1%}** | {chance:.1%} |")
+    lines += ["", "Confusion matrices (rows: prompted class, columns: predicted; order "
+              f"{', '.join(check[f'{nets[0]}/adapted']['classes'])}):", ""]
+    for net in nets:
+        for kind in ("adapted", "base"):
+            lines.append(f"- {net}, {kind}: `{check[f'{net}/{kind}']['confusion']}`")
+    return lines + [""]
+
+
+def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
+    """Draw the figures and write OUT/report.md; returns its path."""
+    from meddap.data.datasets import scan_folder
+
+    figures = out / "figures"
+    lines = [f"# MEDDAP run `{cfg.run.name}`", "",
+             f"Config: `{cfg.source}`; output: `{out}`; wall time of this invocation: {info['seconds']} s "
+             f"(stages already done were skipped).", "",
+             f"- base checkpoint `{cfg.lora.checkpoint}` (SHA-256 `{info['base_sha256'][:16]}…`)",
+             f"- real data `{info['data']['real']}`; split `{_rel(info['split'], out)}` "
+             f"({cfg.data.folds} fold(s), val {cfg.data.val}, test {cfg.data.test} images)",
+             f"- USLoRA rank {cfg.lora.rank}, targets {list(cfg.lora.targets)}, lr {cfg.lora.lr:g}, "
+             f"{cfg.lora.epochs} epochs{f' (max {cfg.lora.max_steps} steps)' if cfg.lora.max_steps else ''}, "
+             f"{cfg.lora.resolution} px",
+             f"- generation: {cfg.generate.sampler} {cfg.generate.steps} steps, guidance {cfg.generate.guidance:g}, "
+             f"{cfg.generate.size} px; adjectives {list(cfg.generate.adjectives)}; ratios {list(cfg.generate.ratios)}",
+             f"- classifiers {list(cfg.classify.networks)}: {cfg.classify.epochs} epochs, batch "
+             f"{cfg.classify.batch_size}, lr {cfg.classify.lr:g}, {cfg.classify.size} px", ""]
+    fold0 = info["folds"][0]
+    lines += _check_section(fold0)
+
+    real = scan_folder(info["data"]["real"])
+    rows = [(f"real {c}", [it.path for it in real.items if it.label == c]) for c in real.classes]
+    lines += ["## Samples", "", f"![real]({_rel(sample_grid(rows, figures / 'real.png'), out)})", ""]
+    if fold0["check"]:
+        for kind, folder in fold0["check"].items():
+            rows = [(f"{kind} {c}", sorted((Path(folder) / c).glob("*.png"))) for c in real.classes]
+            grid = sample_grid(rows, figures / f"check_{kind}.png")
+            lines += [f"Class prompts, {kind} model (`{_rel(folder, out)}`):", "", f"![{kind}]({_rel(grid, out)})", ""]
+    for fold in info["folds"]:
+        k = fold["fold"]
+        from meddap.pipeline.run import adjective_dir
+        for adj in cfg.generate.adjectives:
+            pool = out / f"fold{k}" / "synthetic" / adjective_dir(adj) / "pool"
+            rows = [(f"{adj}: {c}", sorted((pool / c).glob("*.png"))) for c in real.classes]
+            grid = sample_grid(rows, figures / f"fold{k}_{adjective_dir(adj)}.png")
+            lines += [f"Fold {k}, adjective *{adj}*:", "", f"![{adj}]({_rel(grid, out)})", ""]
+        if k > 0:
+            continue
+    lines += ["## USLoRA training loss", ""]
+    for fold in info["folds"]:
+        curve = loss_curve(Path(fold["lora"]).parent / "log.csv", figures / f"fold{fold['fold']}_lora_loss.png")
+        lines += [f"Fold {fold['fold']}: ![loss]({_rel(curve, out)})", ""]
+    lines += ["## FID / KID", ""]
+    for fold in info["folds"]:
+        lines += _fid_section(cfg, fold)
+    lines += ["## Classifier tables", "",
+              "From `meddap tables` on the result cells (`results/cells/`); files in `tables/`.", ""]
+    for t in info["tables"]:
+        if t.endswith(".md"):
+            lines += [Path(t).read_text(encoding="utf-8"), ""]
+        elif t.endswith(".png"):
+            lines += [f"![{Path(t).stem}]({_rel(t, out)})", ""]
+    lines += ["## Grad-CAM", ""]
+    for fold in info["folds"]:
+        for p in fold["gradcam"]:
+            lines += [f"![{Path(p).stem}]({_rel(p, out)})"]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

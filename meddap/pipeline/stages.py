@@ -1,0 +1,80 @@
+"""Resumable stages whose outputs carry the hashes of their inputs.
+
+A stage owns one folder. When it finishes it writes `stage.json`:
+{"stage", "inputs" (JSON-ready settings and the SHA-256 of upstream outputs),
+"inputs_sha256", "outputs_sha256"}. On a re-run:
+- `stage.json` present with the same inputs_sha256: the stage is skipped and
+  its recorded outputs are used;
+- inputs changed: the folder is emptied and the stage redone;
+- no `stage.json` (killed mid-way): the stage runs again in its folder, so a
+  stage that checkpoints (USLoRA training, classifier training, generation
+  image by image) resumes where it stopped. `inputs.json`, written at the
+  start, makes sure only a run with the same inputs resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from meddap.io import sha256_file, write_json_atomic
+
+MARKER, STARTED = "stage.json", "inputs.json"
+_SKIP_SUFFIXES = (".pt", ".tmp")    # checkpoints and temporaries are not outputs
+
+
+def json_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_sha256(folder: Path) -> str:
+    """SHA-256 over the lines "<relative path> <sha256>" of a folder's files
+    (stage markers, checkpoints and temporaries excluded)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name not in (MARKER, STARTED) and not p.name.endswith(_SKIP_SUFFIXES):
+            h.update(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+class Stage:
+    """`with`-less helper: `if not st.done(): ...work in st.folder...; st.finish(extra)`."""
+
+    def __init__(self, folder: Path, name: str, inputs: dict, log=print):
+        self.folder, self.name, self.inputs = Path(folder), name, inputs
+        self.key = json_sha256(inputs)
+        self.log = log
+        self.record: dict | None = None
+
+    def done(self) -> bool:
+        marker = self.folder / MARKER
+        if marker.is_file():
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            if record.get("inputs_sha256") == self.key:
+                self.record = record
+                self.log(f"[{self.name}] up to date (inputs {self.key[:12]}), skipped")
+                return True
+            self.log(f"[{self.name}] inputs changed, redoing it")
+            shutil.rmtree(self.folder)
+        started = self.folder / STARTED
+        if started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("inputs_sha256") != self.key:
+            self.log(f"[{self.name}] a partial run with other inputs is there; starting afresh")
+            shutil.rmtree(self.folder)
+        elif started.is_file():
+            self.log(f"[{self.name}] resuming an interrupted run")
+        else:
+            self.log(f"[{self.name}] running")
+        write_json_atomic(started, {"inputs_sha256": self.key, "inputs": self.inputs})
+        return False
+
+    def finish(self, extra: dict | None = None) -> dict:
+        self.record = {"stage": self.name, "inputs": self.inputs, "inputs_sha256": self.key,
+                       "outputs_sha256": tree_sha256(self.folder), **(extra or {})}
+        write_json_atomic(self.folder / MARKER, self.record)
+        return self.record
+
+    @property
+    def outputs_sha256(self) -> str:
+        assert self.record is not None, "stage not finished"
+        return self.record["outputs_sha256"]
