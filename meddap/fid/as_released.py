@@ -31,6 +31,7 @@ torchvision's ImageNet weights replace Keras' (imagenet_inception.py).
 from __future__ import annotations
 
 import enum
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,10 @@ def as_released_distance(act1: np.ndarray, act2: np.ndarray) -> float:
         raise MeddapError(f"the as-released formula needs at least 2 images per set; got {act1.shape[0]}.")
     mu1, sigma1 = act1.mean(axis=0), np.cov(act1.T, rowvar=False)   # (2048,), (N, N)
     mu2, sigma2 = act2.mean(axis=0), np.cov(act2.T, rowvar=False)
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))                       # (N, N)
+    with warnings.catch_warnings():
+        # sqrtm warns that the product is singular; fid_calc.py's disp=False silenced that
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))                   # (N, N)
     diff = mu1 - mu2
     value = diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
     return float(np.real(value))

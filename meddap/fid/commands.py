@@ -60,9 +60,12 @@ def _device(name: str | None):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise MeddapError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MeddapError(f"--device {name} asked, but this machine has no usable CUDA GPU; use --device cpu.")
+    return device
 
 
 def _standard(args, sets, cache_dir, device) -> tuple[dict, list]:

@@ -117,7 +117,7 @@ def frechet_distance_detail(mu1, sigma1, mu2, sigma2,
         (tr_covmean, rank), offset = _trace_sqrt_eigen(sigma1, sigma2), 0.0
     else:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)   # "matrix is singular" noise
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)   # "matrix is singular" noise
             tr_covmean, offset = _trace_sqrt_schur(sigma1, sigma2)
         rank = None
     trace_term = float(np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
