@@ -1,0 +1,380 @@
+"""USLoRA fine-tuning of SD v1.4 on labelled images (MEDDAP section 3.1).
+
+Objective, MEDDAP Eq. 1 (the latent-diffusion loss):
+
+    L = E_{z0, c, ε ~ N(0, I), t ~ U{0..999}} ‖ε − ε_θ(z_t, t, τ(c))‖²,
+    z_t = √ᾱ_t z0 + √(1 − ᾱ_t) ε         (NoiseSchedule.q_sample)
+    z0  = 0.18215 · (mean + σ ⊙ η)        (a draw from the VAE posterior, times vae.scale)
+
+where only the adapters of MEDDAP Eq. 3 (W = W0 + (α/r)·up·down) are trained.
+Defaults are the paper's and the authors' script's (train_text_to_image_lora.py):
+AdamW at lr 1e-4, constant; batch 1; 100 epochs; rank 4; 224 px; seed 42;
+Resize(224, bilinear) -> RandomCrop(224) -> random horizontal flip -> [-1, 1].
+
+`train_lora(cfg)` reads as six steps: 1 load, 2 freeze, 3 inject, 4 data,
+5 loop (with checkpoints and validation), 6 save. Every random draw of the
+loop (epoch order, crop, flip, posterior noise, t, ε) comes from one CPU
+generator seeded with `seed`, so a seed gives the same run on any device, and
+its state is part of each checkpoint: a run killed and resumed ends bit for
+bit where an uninterrupted one does (on the CPU; GPU kernels may not be
+deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meddap.data.datasets import ImageSet, load_rgb, resolve_images
+from meddap.data.prompts import prompt_for
+from meddap.errors import MeddapError
+from meddap.io import atomic_path, sha256_bytes, write_text_atomic
+from meddap.lora.adapter import _check_rank_alpha, inject_lora, lora_parameters, target_patterns
+from meddap.lora.files import save_lora
+from meddap.progress import Progress, progress
+
+# AdamW settings of the authors' script (diffusers train_text_to_image_lora.py
+# defaults: --adam_beta1 0.9 --adam_beta2 0.999 --adam_weight_decay 1e-2
+# --adam_epsilon 1e-08) and its gradient clipping (--max_grad_norm 1.0).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_WEIGHT_DECAY = 1e-2
+ADAM_EPS = 1e-8
+MAX_GRAD_NORM = 1.0
+VALIDATION_GUIDANCE = 7.5   # diffusers' default for SD v1.4, as the authors' inference script
+
+STATE_FILE, LOG_FILE, ADAPTER_FILE, VALIDATION_DIR = "train_state.pt", "log.csv", "lora.safetensors", "validation"
+
+
+class MixedPrecision(Enum):
+    NO = "no"       # float32 everywhere (the only choice on the CPU)
+    FP16 = "fp16"   # frozen base in float16, adapters float32, loss scaling (the authors' setting)
+    BF16 = "bf16"   # frozen base in bfloat16, adapters float32
+
+
+@dataclass(frozen=True)
+class LoRARunConfig:
+    """One `meddap train-lora` run; the defaults are the paper's."""
+    checkpoint: str
+    data: str                                  # class-folder dir or SPLIT.json:FOLD:PART
+    out: str
+    rank: int = 4
+    alpha: float | None = None                 # None: alpha = rank (scale 1)
+    targets: str | tuple[str, ...] = "cross"   # "cross" (paper), "all" (released) or patterns
+    lr: float = 1e-4
+    epochs: int = 100
+    max_steps: int | None = None               # stop earlier (a later run with more resumes)
+    batch_size: int = 1
+    resolution: int = 224
+    seed: int = 42
+    device: str = "cpu"
+    mixed_precision: MixedPrecision = MixedPrecision.NO
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    checkpoint_every: int = 500
+    validate_every: int = 0                    # 0: no validation images
+    validation_prompts: tuple[str, ...] = ()   # empty: the training prompt of each class
+    validation_steps: int = 30
+    as_released: bool = False                  # released prompts ("... normal tumor in breast")
+    show_progress: bool = True
+
+
+# Fields that fix the arithmetic of a run; a resume must agree on all of them.
+_RESUME_FIELDS = ("rank", "alpha", "targets", "lr", "batch_size", "resolution", "seed",
+                  "mixed_precision", "cache_latents", "as_released")
+
+
+def run_args(cfg: LoRARunConfig) -> dict:
+    """The config as JSON-ready values (written into the adapter file's metadata)."""
+    out = dataclasses.asdict(cfg)
+    out["mixed_precision"] = cfg.mixed_precision.value
+    out["targets"] = cfg.targets if isinstance(cfg.targets, str) else list(cfg.targets)
+    out["validation_prompts"] = list(cfg.validation_prompts)
+    return out
+
+
+def _check_config(cfg: LoRARunConfig, device: torch.device) -> None:
+    _check_rank_alpha(cfg.rank, cfg.alpha)
+    target_patterns(cfg.targets)
+    for name in ("epochs", "batch_size", "resolution", "checkpoint_every", "validation_steps"):
+        if getattr(cfg, name) < 1:
+            raise MeddapError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(cfg, name)}.")
+    if cfg.resolution % 8:
+        raise MeddapError(f"--resolution {cfg.resolution} is not a multiple of 8 (the VAE's "
+                          f"downsampling factor); the paper uses 224.")
+    if not cfg.lr > 0:
+        raise MeddapError(f"--lr must be positive; got {cfg.lr} (the paper uses 1e-4).")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise MeddapError(f"--max-steps must be at least 1; got {cfg.max_steps}.")
+    if cfg.validate_every < 0:
+        raise MeddapError(f"--validate-every must be 0 (off) or positive; got {cfg.validate_every}.")
+    if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
+        raise MeddapError(f"--mixed-precision {cfg.mixed_precision.value} needs a CUDA device; "
+                          f"on {device} training runs in float32 (--mixed-precision no).")
+
+
+def _rng_states(rng: torch.Generator) -> dict:
+    """Every RNG state. The loop draws only from `rng`; the global ones are kept
+    too, so that resume stays exact if a layer ever draws from them."""
+    np_state = np.random.get_state()
+    return {
+        "loop": rng.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])),
+    }
+
+
+def _set_rng_states(rng: torch.Generator, s: dict) -> None:
+    rng.set_state(s["loop"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    random.setstate(s["python"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def check_image_set(spec: str) -> ImageSet:
+    """The training images of a class-folder dir or split spec; every class needs one."""
+    image_set = resolve_images(spec)
+    counts = image_set.counts()
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise MeddapError(f"class {empty[0]!r} of {spec} has no images ({image_set.root / empty[0]}); "
+                          f"every class folder needs at least one PNG/JPEG/BMP/TIFF image.")
+    return image_set
+
+
+class TrainImages:
+    """The training set after its deterministic part: Resize(resolution, bilinear).
+
+    `latents()` applies the random part per step: RandomCrop(resolution), a
+    horizontal flip with probability 1/2, scaling to [-1, 1], the VAE
+    posterior sample and the latent scale. With `cache_latents()` the VAE runs
+    once per image on its CENTER crop, flipped and not: the crop is then
+    fixed, while the flip and the posterior sample stay random, drawn exactly
+    as without the cache. (For square images, whose only crop is the center
+    one, cached and uncached runs compute the same thing.)
+    """
+
+    def __init__(self, image_set: ImageSet, resolution: int, show_progress: bool = True):
+        import torchvision.transforms.functional as TF
+
+        self.resolution = resolution
+        self.classes = image_set.classes
+        self.items = image_set.items
+        self.labels = torch.tensor(image_set.label_ids())       # (N,) class index
+        self.pixels = [                                          # N x (3, H, W) uint8, min(H, W) = resolution
+            TF.pil_to_tensor(TF.resize(load_rgb(it.path), resolution,
+                                       interpolation=TF.InterpolationMode.BILINEAR))
+            for it in progress(self.items, desc="reading images", enabled=show_progress)]
+        self.moments: list[torch.Tensor] | None = None           # N x (2 flips, 2, 4, h, w) when cached
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the (path, class) list: a resume must see the same data."""
+        return sha256_bytes("".join(f"{it.path}\t{it.label}\n" for it in self.items).encode())
+
+    def prompts(self, as_released: bool) -> list[str]:
+        """One training prompt per class (MEDDAP section 3.2, or the released caption)."""
+        return [prompt_for(c, stage="train", as_released=as_released) for c in self.classes]
+
+    @torch.no_grad()
+    def embed_prompts(self, text_encoder, as_released: bool) -> torch.Tensor:
+        """τ(c) of each class's prompt, (n_classes, 77, C). The text encoder is frozen and
+        the prompt fixed per class, so embedding once is exact (this is always done)."""
+        device = next(text_encoder.parameters()).device
+        return text_encoder(text_encoder.tokenize(self.prompts(as_released)).to(device))
+
+    def _view(self, i: int, top: int, left: int, flip: bool) -> torch.Tensor:
+        s = self.resolution
+        x = self.pixels[i][:, top:top + s, left:left + s]        # (3, s, s) uint8
+        x = x.flip(-1) if flip else x
+        return (x / 255 - 0.5) / 0.5                             # Normalize(0.5, 0.5) as released: [-1, 1]
+
+    @torch.no_grad()
+    def _encode(self, vae, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, s, s) -> posterior moments stacked as (B, 2, 4, h, w), float32."""
+        p = next(vae.parameters())
+        mean, logvar = vae.encode(x.to(p.device, p.dtype))
+        return torch.stack([mean.float(), logvar.float()], dim=1)
+
+    def cache_latents(self, vae, show_progress: bool = True) -> None:
+        self.moments = []
+        for i in progress(range(len(self)), desc="caching latents", enabled=show_progress):
+            _, H, W = self.pixels[i].shape
+            top, left = int(round((H - self.resolution) / 2)), int(round((W - self.resolution) / 2))
+            views = [self._view(i, top, left, flip)[None] for flip in (False, True)]  # 2 x (1, 3, s, s)
+            self.moments.append(torch.cat([self._encode(vae, v) for v in views]))  # (2, 2, 4, h, w)
+
+    @torch.no_grad()
+    def latents(self, batch: torch.Tensor, vae, rng: torch.Generator, device) -> torch.Tensor:
+        """z0 = vae.scale · (mean + exp(logvar/2) ⊙ η) for the images `batch`: (B, 4, h, w)."""
+        from meddap.models.vae import sample_posterior
+
+        moments = []
+        for i in batch.tolist():
+            u = torch.rand(3, generator=rng)                     # crop row, crop column, flip
+            _, H, W = self.pixels[i].shape
+            top, left = int(u[0] * (H - self.resolution + 1)), int(u[1] * (W - self.resolution + 1))
+            flip = bool(u[2] < 0.5)
+            if self.moments is not None:
+                moments.append(self.moments[i][int(flip)].to(device))   # (2, 4, h, w): center crop
+            else:
+                moments.append(self._view(i, top, left, flip))  # (3, s, s)
+        if self.moments is None:
+            m = self._encode(vae, torch.stack(moments))          # (B, 2, 4, h, w)
+        else:
+            m = torch.stack(moments)
+        return vae.scale * sample_posterior(m[:, 0], m[:, 1], generator=rng)
+
+
+def _resume_key(cfg: LoRARunConfig, base_sha256: str | None, images: TrainImages) -> dict:
+    key = {k: v for k, v in run_args(cfg).items() if k in _RESUME_FIELDS}
+    key["base_sha256"] = base_sha256
+    key["images"] = images.fingerprint()
+    return key
+
+
+LOG_HEADER = "step,epoch,loss,lr\n"
+
+
+def _restart_log(path: Path, step: int) -> None:
+    """Keep the log rows of steps 1..step (a killed run may have logged past its
+    last checkpoint; those steps are run again)."""
+    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)[1:] if path.exists() else []
+    kept = [r for r in rows if r.endswith("\n") and int(r.split(",", 1)[0]) <= step]
+    write_text_atomic(path, LOG_HEADER + "".join(kept))
+
+
+def train_lora(cfg: LoRARunConfig) -> Path:
+    """Train adapters as configured; resume from `out/train_state.pt` if present.
+    Returns the path of the final adapter file `out/lora.safetensors`."""
+    from meddap.models.stable_diffusion import load_stable_diffusion
+    from meddap.sampling.schedule import NoiseSchedule
+
+    device = torch.device(cfg.device)
+    _check_config(cfg, device)
+    image_set = check_image_set(cfg.data)   # cheap listing checks before the big load
+    out = Path(cfg.out)
+    dtype = {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
+             MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]
+
+    # 1. Load the base model (frozen weights in the training dtype).
+    sd = load_stable_diffusion(cfg.checkpoint, device=device, dtype=dtype)
+    schedule = NoiseSchedule.sd_v1()
+
+    # 2. Freeze everything: VAE, text encoder, UNet.
+    sd.requires_grad_(False)
+
+    # 3. Inject adapters (float32, trainable) into the UNet, init drawn from the seed.
+    inject_lora(sd.unet, cfg.rank, cfg.alpha, cfg.targets,
+                generator=torch.Generator().manual_seed(cfg.seed))
+    params = lora_parameters(sd.unet)
+    sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
+
+    # 4. Data: decode and resize every image now (an unreadable one stops the run
+    # before anything is written), embed one prompt per class, optionally cache latents.
+    images = TrainImages(image_set, cfg.resolution, show_progress=cfg.show_progress)
+    contexts = images.embed_prompts(sd.text_encoder, cfg.as_released)   # (n_classes, 77, C)
+    if cfg.cache_latents:
+        images.cache_latents(sd.vae, show_progress=cfg.show_progress)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                  weight_decay=ADAM_WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision is MixedPrecision.FP16)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = -(-len(images) // cfg.batch_size)          # ceil: the last batch may be short
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    key = _resume_key(cfg, sd.source_sha256, images)
+
+    step, order = 0, torch.empty(0, dtype=torch.long)
+    if (out / STATE_FILE).exists():
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["key"] != key:
+            changed = sorted(k for k in key if state["key"].get(k) != key[k])
+            raise MeddapError(f"{out / STATE_FILE} belongs to a run with other settings "
+                              f"(differs in: {', '.join(changed)}); use a new --out folder or "
+                              f"the same settings to resume.")
+        with torch.no_grad():
+            for p, saved in zip(params, state["lora"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_states(rng, state["rng"])
+        step, order = state["step"], state["order"]
+    _restart_log(out / LOG_FILE, step)
+
+    def save_state() -> None:
+        state = {"key": key, "step": step, "order": order,
+                 "lora": [p.detach().cpu().clone() for p in params],
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": _rng_states(rng)}
+        with atomic_path(out / STATE_FILE) as tmp:
+            torch.save(state, tmp)
+
+    # 5. Loop: MEDDAP Eq. 1 on one batch per step.
+    bar = Progress(total=total, initial=step, desc="train-lora", enabled=cfg.show_progress)
+    with open(out / LOG_FILE, "a", encoding="utf-8") as log:
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            if position == 0:
+                order = torch.randperm(len(images), generator=rng)  # a fresh data order each epoch
+            batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+            z0 = images.latents(batch, sd.vae, rng, device)         # (B, 4, h, w) float32, scaled
+            t = torch.randint(0, schedule.num_timesteps, (len(batch),), generator=rng)  # t ~ U{0..999}
+            noise = torch.randn(z0.shape, generator=rng).to(device)  # ε ~ N(0, I), drawn on the CPU
+            z_t = schedule.q_sample(z0, t, noise)                    # (B, 4, h, w)
+            context = contexts[images.labels[batch].to(contexts.device)]   # (B, 77, C)
+            eps = sd.unet(z_t.to(dtype), t.to(device), context)     # (B, 4, h, w)
+            loss = F.mse_loss(eps.float(), noise)                   # MEDDAP Eq. 1
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)                              # clip the true gradients
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            log.write(f"{step},{epoch},{loss.item():.6g},{cfg.lr:g}\n")
+            log.flush()
+            bar.update(1, postfix=f"loss {loss.item():.4f}")
+            if step % cfg.checkpoint_every == 0 or step == total:
+                save_state()
+            if cfg.validate_every and step % cfg.validate_every == 0:
+                _validate(sd, cfg, images, step, out / VALIDATION_DIR, device)
+    bar.close()
+
+    # 6. Save the adapters (atomically) with their provenance.
+    path = out / ADAPTER_FILE
+    save_lora(sd.unet, path, {"targets": run_args(cfg)["targets"], "base_sha256": sd.source_sha256,
+                              "base_config": sd.config.name, "training_args": run_args(cfg),
+                              "step": step})
+    return path
+
+
+@torch.no_grad()
+def _validate(sd, cfg: LoRARunConfig, images: TrainImages, step: int, folder: Path,
+              device: torch.device) -> None:
+    """Sample one image per validation prompt with fixed seeds (image_seed(seed, i))
+    and write `validation/step_{step}_{i}.png`. The global RNG is left as it was."""
+    from meddap.sampling.text_to_image import generate, image_seed, write_png
+
+    prompts = list(cfg.validation_prompts) or images.prompts(cfg.as_released)
+    seeds = [image_seed(cfg.seed, i) for i in range(len(prompts))]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        results = generate(sd, prompts, seeds, steps=cfg.validation_steps, guidance=VALIDATION_GUIDANCE,
+                           height=cfg.resolution, width=cfg.resolution, show_progress=False)
+    for i, r in enumerate(results):
+        write_png(folder / f"step_{step:07d}_{i:02d}.png", r.image, {**r.metadata, "train_step": step})
