@@ -134,6 +134,8 @@ def test_bad_input():
         feature_statistics(np.zeros((1, 8)), "generated/")
     with pytest.raises(MeddapError, match="statistics do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(MeddapError, match="NaN or inf"):
+        frechet_distance(np.zeros(2), np.eye(2), np.array([0.0, np.nan]), np.eye(2))
     with pytest.raises(MeddapError, match="at least 2 images"):
         kid(np.zeros((1, 8)), np.zeros((5, 8)))
     with pytest.raises(MeddapError, match="same d"):

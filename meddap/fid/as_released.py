@@ -19,7 +19,9 @@ Then, in `calculate_fid`:
                                                   the N images are the variables
   d = ‖μ₁ − μ₂‖² + Tr(Σ₁) + Tr(Σ₂) − 2 Tr(sqrtm(Σ₁ Σ₂))
 
-which needs the same N in both sets. After steps 4-5 every pixel is within
+which needs the same N in both sets, and pairs image i of one set with image
+i of the other inside Σ₁Σ₂, so the value also depends (slightly) on file order:
+fid_calc.py used os.listdir order, we use sorted order. After steps 4-5 every pixel is within
 2/255 (or 2/255², see SkimageResize) of -1: the network sees near-constant
 images, all images give almost the same features, and the N×N Σ's are near
 rank one; hence values below 1. It is not FID (README, "The paper's FID").

@@ -64,7 +64,8 @@ def _device(name: str | None):
     except RuntimeError:
         raise MeddapError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MeddapError(f"--device {name} asked, but this machine has no usable CUDA GPU; use --device cpu.")
+        raise MeddapError(f"--device {name} asked, but this machine has no usable CUDA GPU; "
+                          f"use --device cpu.")
     return device
 
 
@@ -96,7 +97,8 @@ def _standard(args, sets, cache_dir, device) -> tuple[dict, list]:
                                         feats[1].labels, with_kid=args.kid, **kid_kw)
     if not net.official:
         result["notes"].append(f"weights {net.path} are not pytorch-fid's released file "
-                               f"(SHA-256 {net.sha256[:12]}...); values are not comparable with published FIDs.")
+                               f"(SHA-256 {net.sha256[:12]}...); values are not comparable with "
+                               f"published FIDs.")
     n_min = min(len(f.labels) for f in feats)
     if n_min <= args.dims:
         result["notes"].append(f"covariances are singular: {n_min} images <= {args.dims} dims, so their rank "

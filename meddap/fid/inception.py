@@ -1,7 +1,7 @@
 """Inception v3 (Szegedy et al. 2016, arXiv 1512.00567) for FID, written here.
 
-Two graphs share these blocks; they differ only in how the branch pools of
-the Inception-A/C/E modules average (InceptionGraph):
+Two graphs share these blocks and differ in the branch pool of the last block
+and the classifier size (InceptionGraph):
 
 - `FID_TF2015`: the TF graph `inception-2015-12-05` that the original FID code
   (TTUR, Heusel et al. 2017, arXiv 1706.08500) and pytorch-fid use. Its
@@ -47,7 +47,6 @@ FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
                    "fid_weights/" + FID_WEIGHTS_FILE)
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-FID_WEIGHTS_BYTES = 95_628_359
 DEFAULT_FID_WEIGHTS = Path("weights") / FID_WEIGHTS_FILE
 
 INCEPTION_SIZE = 299          # input side of Inception v3 (arXiv 1512.00567, Table 1)

@@ -64,13 +64,16 @@ def feature_statistics(features: np.ndarray, name: str = "feature set") -> tuple
 
 
 def _check_stats(mu1, sigma1, mu2, sigma2):
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu1.shape != mu2.shape or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise MeddapError(f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
                           f"mu2 {mu2.shape}, sigma2 {sigma2.shape}; expected (d,) and (d, d) "
                           f"with the same d for both sets.")
+    if not all(np.isfinite(x).all() for x in (mu1, sigma1, mu2, sigma2)):
+        raise MeddapError("statistics contain NaN or inf: the features are not finite "
+                          "(a broken weights file, or images that overflow the network).")
     return mu1, sigma1, mu2, sigma2
 
 
@@ -147,7 +150,9 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = KID_DEGREE) -> flo
     """Unbiased MMD² (Gretton et al. 2012, JMLR 13, Eq. 3):
     Σ_{i≠j} k(xᵢ,xⱼ)/(m(m−1)) + Σ_{i≠j} k(yᵢ,yⱼ)/(n(n−1)) − 2 Σ k(xᵢ,yⱼ)/(mn)."""
     m, n = x.shape[0], y.shape[0]
-    kxx, kyy, kxy = polynomial_kernel(x, x, degree), polynomial_kernel(y, y, degree), polynomial_kernel(x, y, degree)
+    kxx = polynomial_kernel(x, x, degree)              # (m, m)
+    kyy = polynomial_kernel(y, y, degree)              # (n, n)
+    kxy = polynomial_kernel(x, y, degree)              # (m, n)
     return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
                  + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
                  - 2 * kxy.mean())
@@ -159,7 +164,8 @@ def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = KID_SUB
     smaller set) drawn without replacement from each set, `num_subsets` times."""
     f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise MeddapError(f"KID needs two feature arrays (N, d) of the same d; got {f1.shape} and {f2.shape}.")
+        raise MeddapError(f"KID needs two feature arrays (N, d) of the same d; "
+                          f"got {f1.shape} and {f2.shape}.")
     m = min(subset_size, f1.shape[0], f2.shape[0])
     if m < 2:
         raise MeddapError(f"KID needs at least 2 images in each set; got {f1.shape[0]} and {f2.shape[0]}.")
