@@ -76,14 +76,14 @@ def stage_data(cfg: RunConfig, out: Path) -> dict:
 
 
 def stage_split(cfg: RunConfig, out: Path, data: dict) -> str:
-    from meddap.data.datasets import scan_folder
-    from meddap.pipeline.splitting import make_split
+    from meddap.data.splits import SplitConfig, write_split
 
     d = cfg.data
     st = Stage(out / "split", "split", {"real_sha256": data["real_sha256"], "folds": d.folds, "val": d.val,
                                         "test": d.test, "seed": cfg.run.seed}, _log)
     if not st.done():
-        make_split(scan_folder(data["real"]), out / "split" / "split.json", d.folds, d.val, d.test, cfg.run.seed)
+        write_split(data["real"], out / "split" / "split.json",
+                    SplitConfig(val=d.val, test=d.test, folds=d.folds, seed=cfg.run.seed), show_progress=False)
         st.finish()
     return str(out / "split" / "split.json")
 

@@ -1,0 +1,78 @@
+"""The run config: shipped configs load with the paper's defaults; bad values name the key
+and what is accepted; stages skip, resume and redo by the hashes of their inputs."""
+import json
+
+import pytest
+
+from meddap.cli import main
+from meddap.errors import MeddapError
+from meddap.pipeline.config import DataSource, FeatureSpace, config_from_dict, load_config
+from meddap.pipeline.stages import Stage, tree_sha256
+
+
+def test_shipped_configs_load():
+    busi = load_config("busi-sd14")
+    assert busi.data.source is DataSource.FOLDER and busi.data.folds == 5
+    assert (busi.data.val, busi.data.test) == (115, 120)            # paper: 545 / 115 / 120
+    assert (busi.lora.rank, busi.lora.lr, busi.lora.batch_size, busi.lora.epochs, busi.lora.resolution) == \
+        (4, 1e-4, 1, 100, 224)                                        # paper_facts.md, Diffusion model
+    assert busi.lora.targets == ("cross",) and busi.generate.ratios == (0.5, 1.0, 2.0)
+    assert len(busi.generate.adjectives) == 10 and busi.generate.adjectives[0] == "none"
+    assert (busi.generate.sampler, busi.generate.steps, busi.generate.guidance) == ("pndm", 30, 7.5)
+    demo = load_config("demo")
+    assert demo.data.source is DataSource.PHANTOM and demo.fid.features is FeatureSpace.AUTO
+    assert demo.lora.checkpoint == "weights/tiny/tiny-sd.safetensors"
+    assert load_config("demo-fast").run.name == "demo-fast"
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"data": {"source": "web"}}, ["[data] source", "'web'", "'phantom'", "'folder'"]),
+    ({"generate": {"sampler": "euler"}}, ["[generate] sampler", "'euler'", "'ddim'", "'pndm'", "'ddpm'"]),
+    ({"classify": {"networks": ["vgg16"]}}, ["[classify] networks", "'vgg16'", "'resnet34'", "'squeezenet1.1'",
+                                             "'densenet121'"]),
+    ({"fid": {"features": "clip"}}, ["[fid] features", "'inception'", "'pixels'", "'auto'"]),
+    ({"generate": {"ratios": [0.5, -1]}}, ["[generate] ratios", "> 0"]),
+    ({"lora": {"rank": 0}}, ["[lora] rank", "0", "from 1 to 1024"]),
+    ({"lora": {"rank": "four"}}, ["[lora] rank", "'four'", "whole number"]),
+    ({"lora": {"resolution": 100}}, ["[lora] resolution", "100", "multiple of 8"]),
+    ({"data": {"phantom_counts": {"cyst": 3}}}, ["[data] phantom_counts", "cyst", "benign / malignant / normal"]),
+    ({"lora": {"rnak": 4}}, ["unknown key [lora] rnak", "rank", "targets"]),
+    ({"loras": {}}, ["unknown section [loras]", "[lora]", "[generate]"]),
+    ({"lora": {"cache_latents": "yes"}}, ["[lora] cache_latents", "true or false"]),
+])
+def test_bad_values_name_key_and_allowed(raw, words):
+    with pytest.raises(MeddapError) as e:
+        config_from_dict(raw, "my.toml")
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[generate]\nsampler = "euler"\n')
+    assert main(["run", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "[generate] sampler = 'euler' is not allowed" in err and "'pndm'" in err
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[run\n")
+    assert main(["run", str(broken)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "demo, demo-fast" in capsys.readouterr().err
+
+
+def test_stage_skips_resumes_and_redoes(tmp_path):
+    log = []
+    st = Stage(tmp_path / "s", "s", {"a": 1}, log.append)
+    assert not st.done()                                   # first run
+    (st.folder / "out.txt").write_text("x")
+    assert not Stage(tmp_path / "s", "s", {"a": 1}, log.append).done()    # killed before finish: resume
+    assert "resuming" in log[-1] and (st.folder / "out.txt").exists()
+    record = st.finish()
+    assert record["outputs_sha256"] == tree_sha256(st.folder)
+    assert json.loads((st.folder / "stage.json").read_text())["inputs"] == {"a": 1}
+    again = Stage(tmp_path / "s", "s", {"a": 1}, log.append)
+    assert again.done() and again.outputs_sha256 == record["outputs_sha256"]
+    changed = Stage(tmp_path / "s", "s", {"a": 2}, log.append)
+    assert not changed.done() and "inputs changed" in log[-2]
+    assert not (st.folder / "out.txt").exists()            # redone from scratch

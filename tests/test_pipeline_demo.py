@@ -1,0 +1,59 @@
+"""`meddap demo --fast` end to end, killed during USLoRA training and re-run: the re-run
+resumes the adapters where the checkpoint left them, finishes, writes every output, and
+the adaptation check holds: a classifier trained on the real phantoms recognises the
+adapted synthetic images (>= 70%, 3 classes) but not the unadapted base's (near chance)."""
+import json
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+from meddap.pipeline.report import CHANCE_MARGIN
+
+CLASSES = ("benign", "malignant", "normal")
+
+
+def _demo(out):
+    return [sys.executable, "-m", "meddap.cli", "demo", "--fast", "--out", str(out)]
+
+
+def test_fast_demo_resumes_after_kill_and_adapts(tmp_path):
+    out = tmp_path / "demo"
+    state = out / "fold0" / "lora" / "train_state.pt"
+    first = subprocess.Popen(_demo(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while not state.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.kill()                                     # SIGKILL during the LoRA stage
+    first.wait()
+    assert state.exists(), "the first run never reached a LoRA checkpoint"
+    assert not (out / "fold0" / "lora" / "stage.json").exists()
+    killed_at = torch.load(state, weights_only=True)["step"]
+    assert killed_at > 0
+
+    second = subprocess.run(_demo(out), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[data] up to date" in second.stdout
+    assert "[fold0/lora] resuming an interrupted run" in second.stdout
+    steps = [int(m) for m in re.findall(r"train-lora \[[# ]*\] (\d+)/\d+", second.stderr)]
+    assert steps and steps[0] > killed_at            # first step trained after the resume
+
+    for cls in CLASSES:
+        assert len(list((out / "data" / "real" / cls).glob(f"{cls} (*).png"))) > 0
+        adapted = sorted(p.name for p in (out / "synthetic" / cls).glob("*.png"))
+        base = sorted(p.name for p in (out / "synthetic_base" / cls).glob("*.png"))
+        assert adapted and adapted == base           # same prompts and seeds, with and without adapters
+    report = (out / "report.md").read_text()
+    check = json.loads((out / "fold0" / "classify" / "summary.json").read_text())["check"]
+    adapted_acc, base_acc = check["resnet34/adapted"]["accuracy"], check["resnet34/base"]["accuracy"]
+    assert f"**{adapted_acc:.1%}**" in report and f"**{base_acc:.1%}**" in report
+    for picture in ("figures/real.png", "figures/check_adapted.png", "figures/check_base.png",
+                    "figures/fold0_lora_loss.png"):
+        assert picture in report and (out / picture).is_file()
+    assert "NOT FID" in report or "| set | images | FID | KID |" in report
+    assert list((out / "fold0" / "gradcam").glob("*.png")) and "## Grad-CAM" in report
+    assert (out / "tables" / "tables.md").is_file()
+    assert adapted_acc >= 0.70, check
+    assert abs(base_acc - 1 / 3) <= CHANCE_MARGIN, check
