@@ -16,6 +16,16 @@ from meddap.models.unet import UNetModel
 TINY = get_config("tiny").unet
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny-model kernels gain nothing from threads; on a busy machine two spinning
+    OpenMP threads slow them down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
     return UNetModel(TINY)
@@ -67,6 +77,16 @@ def test_identity_and_float32_adapters_with_bf16_base():
     expected = nn.functional.linear(xin, layer.weight, layer.bias) + (
         xin.float() @ layer.lora_down.T @ layer.lora_up.T).to(torch.bfloat16)
     assert torch.equal(layer(xin), expected)
+
+
+def test_float32_gradients_through_a_bf16_base():
+    unet = tiny_unet().to(torch.bfloat16)
+    inject_lora(unet, rank=4)
+    randomise_up(unet)
+    x, t, c = inputs(torch.bfloat16)
+    unet(x, t, c).float().square().mean().backward()
+    grads = [p.grad for p in lora_parameters(unet)]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
 
 
 def test_targets_and_names():

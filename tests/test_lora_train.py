@@ -131,6 +131,12 @@ def test_cached_latents_change_only_the_crop(files, tmp_path):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if k.endswith("lora_up"))
 
 
+def test_gradient_checkpointing_changes_nothing(files, tmp_path):
+    train_lora(config(files, tmp_path / "plain", max_steps=3))
+    train_lora(config(files, tmp_path / "gc", max_steps=3, gradient_checkpointing=True))
+    assert_same_adapters(adapters(tmp_path / "plain"), adapters(tmp_path / "gc"))
+
+
 def test_validation_images_leave_training_untouched(files, tmp_path):
     kw = dict(max_steps=4, validation_steps=3)
     train_lora(config(files, tmp_path / "plain", **kw))

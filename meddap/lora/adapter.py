@@ -136,7 +136,7 @@ def find_targets(unet: nn.Module, targets: str | Targets | Sequence[str]) -> lis
     return [n for n in linear if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def _check_rank_alpha(rank, alpha) -> None:
+def check_rank_alpha(rank, alpha) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise MeddapError(f"LoRA rank {rank!r} is not a positive integer; the paper uses 4 "
                           f"(and compares 2, 4 and 8).")
@@ -160,7 +160,7 @@ def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
     (float32, on the base weights' device) require gradients. `generator`, a
     CPU torch.Generator, draws the random `down` init (the global RNG if None).
     """
-    _check_rank_alpha(rank, alpha)
+    check_rank_alpha(rank, alpha)
     if lora_layers(unet):
         raise MeddapError("this UNet already carries LoRA adapters; call meddap.lora.remove_lora "
                           "first to replace them.")

@@ -13,8 +13,8 @@ Resize(224, bilinear) -> RandomCrop(224) -> random horizontal flip -> [-1, 1].
 
 `train_lora(cfg)` reads as six steps: 1 load, 2 freeze, 3 inject, 4 data,
 5 loop (with checkpoints and validation), 6 save. Every random draw of the
-loop (epoch order, crop, flip, posterior noise, t, ε) comes from one CPU
-generator seeded with `seed`, so a seed gives the same run on any device, and
+run (adapter init, epoch order, crop, flip, posterior noise, t, ε) comes from
+one CPU generator seeded with `seed`, so a seed gives the same run on any device, and
 its state is part of each checkpoint: a run killed and resumed ends bit for
 bit where an uninterrupted one does (on the CPU; GPU kernels may not be
 deterministic).
@@ -30,13 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from meddap.data.datasets import ImageSet, load_rgb, resolve_images
 from meddap.data.prompts import prompt_for
 from meddap.errors import MeddapError
 from meddap.io import atomic_path, sha256_bytes, write_text_atomic
-from meddap.lora.adapter import _check_rank_alpha, inject_lora, lora_parameters, target_patterns
+from meddap.lora.adapter import check_rank_alpha, inject_lora, lora_parameters, target_patterns
 from meddap.lora.files import save_lora
+from meddap.models.vae import sample_posterior
 from meddap.progress import Progress, progress
 
 # AdamW settings of the authors' script (diffusers train_text_to_image_lora.py
@@ -99,7 +101,7 @@ def run_args(cfg: LoRARunConfig) -> dict:
 
 
 def _check_config(cfg: LoRARunConfig, device: torch.device) -> None:
-    _check_rank_alpha(cfg.rank, cfg.alpha)
+    check_rank_alpha(cfg.rank, cfg.alpha)
     target_patterns(cfg.targets)
     for name in ("epochs", "batch_size", "resolution", "checkpoint_every", "validation_steps"):
         if getattr(cfg, name) < 1:
@@ -166,8 +168,6 @@ class TrainImages:
     """
 
     def __init__(self, image_set: ImageSet, resolution: int, show_progress: bool = True):
-        import torchvision.transforms.functional as TF
-
         self.resolution = resolution
         self.classes = image_set.classes
         self.items = image_set.items
@@ -218,24 +218,19 @@ class TrainImages:
             self.moments.append(torch.cat([self._encode(vae, v) for v in views]))  # (2, 2, 4, h, w)
 
     @torch.no_grad()
-    def latents(self, batch: torch.Tensor, vae, rng: torch.Generator, device) -> torch.Tensor:
+    def latents(self, batch: torch.Tensor, vae, rng: torch.Generator) -> torch.Tensor:
         """z0 = vae.scale · (mean + exp(logvar/2) ⊙ η) for the images `batch`: (B, 4, h, w)."""
-        from meddap.models.vae import sample_posterior
-
-        moments = []
+        picks = []
         for i in batch.tolist():
-            u = torch.rand(3, generator=rng)                     # crop row, crop column, flip
+            u = torch.rand(3, generator=rng)   # crop row, crop column, flip (drawn with or without cache)
             _, H, W = self.pixels[i].shape
             top, left = int(u[0] * (H - self.resolution + 1)), int(u[1] * (W - self.resolution + 1))
-            flip = bool(u[2] < 0.5)
-            if self.moments is not None:
-                moments.append(self.moments[i][int(flip)].to(device))   # (2, 4, h, w): center crop
-            else:
-                moments.append(self._view(i, top, left, flip))  # (3, s, s)
+            picks.append((i, top, left, bool(u[2] < 0.5)))
         if self.moments is None:
-            m = self._encode(vae, torch.stack(moments))          # (B, 2, 4, h, w)
-        else:
-            m = torch.stack(moments)
+            x = torch.stack([self._view(*pick) for pick in picks])                 # (B, 3, s, s)
+            m = self._encode(vae, x)                                                # (B, 2, 4, h, w)
+        else:   # the cache holds the center crop only: top and left are not used
+            m = torch.stack([self.moments[i][int(flip)] for i, _, _, flip in picks])
         return vae.scale * sample_posterior(m[:, 0], m[:, 1], generator=rng)
 
 
@@ -277,9 +272,10 @@ def train_lora(cfg: LoRARunConfig) -> Path:
     # 2. Freeze everything: VAE, text encoder, UNet.
     sd.requires_grad_(False)
 
-    # 3. Inject adapters (float32, trainable) into the UNet, init drawn from the seed.
-    inject_lora(sd.unet, cfg.rank, cfg.alpha, cfg.targets,
-                generator=torch.Generator().manual_seed(cfg.seed))
+    # 3. Inject adapters (float32, trainable) into the UNet; their init is the
+    # first draw of the run's one generator.
+    rng = torch.Generator().manual_seed(cfg.seed)
+    inject_lora(sd.unet, cfg.rank, cfg.alpha, cfg.targets, generator=rng)
     params = lora_parameters(sd.unet)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
 
@@ -293,7 +289,6 @@ def train_lora(cfg: LoRARunConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
                                   weight_decay=ADAM_WEIGHT_DECAY)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision is MixedPrecision.FP16)
-    rng = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = -(-len(images) // cfg.batch_size)          # ceil: the last batch may be short
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -333,7 +328,7 @@ def train_lora(cfg: LoRARunConfig) -> Path:
             if position == 0:
                 order = torch.randperm(len(images), generator=rng)  # a fresh data order each epoch
             batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-            z0 = images.latents(batch, sd.vae, rng, device)         # (B, 4, h, w) float32, scaled
+            z0 = images.latents(batch, sd.vae, rng)                 # (B, 4, h, w) float32, scaled
             t = torch.randint(0, schedule.num_timesteps, (len(batch),), generator=rng)  # t ~ U{0..999}
             noise = torch.randn(z0.shape, generator=rng).to(device)  # ε ~ N(0, I), drawn on the CPU
             z_t = schedule.q_sample(z0, t, noise)                    # (B, 4, h, w)
