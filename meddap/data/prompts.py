@@ -75,7 +75,10 @@ def prompt_for(class_name: str, adjective: str | None = None, *, as_released: bo
                           no adjective: the released training captions had none);
         stage "generate": "colorfulan ultrasound photo of no tumor in breast" (adjective glued).
     """
-    stage = Stage(stage)
+    try:
+        stage = Stage(stage)
+    except ValueError:
+        raise MeddapError(f"prompt stage {stage!r} is unknown; use 'generate' or 'train'.") from None
     adj = _adjective_word(adjective)
     if not as_released:
         body = PAPER_TEMPLATE.format(phrase=class_phrase(class_name))
