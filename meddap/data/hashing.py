@@ -19,7 +19,8 @@ Note: the common pHash has 64 bits (8 x 8). Ultrasound images of one device
 look alike at that resolution: among 780 distinct phantom images some pairs
 came within 4-6 bits, as close as a copy cropped by 2%. 256 bits separate
 them (distinct phantom pairs: 62 bits or more; copies re-scaled, JPEG-saved,
-blurred, brightened, cropped by 2% or rotated by 3 degrees: 42 or fewer).
+blurred, brightened or cropped by 2%: 42 or fewer). Like every pHash it does
+not see through rotation: a copy rotated by 3 degrees is 50-65 bits away.
 Step 2 is ours too: without it the scan area's outline (a fan for convex
 probes), shared by every image of a device, dominates the low frequencies.
 """
