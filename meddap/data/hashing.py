@@ -1,4 +1,4 @@
-"""Exact and near-duplicate detection: SHA-256 and a 64-bit DCT perceptual hash.
+"""Exact and near-duplicate detection: SHA-256 and a 256-bit DCT perceptual hash.
 
 BUSI holds many duplicates and near-duplicates (the same scan saved twice,
 re-cropped, with or without calipers; paper_facts.md, "BUSI data hygiene").
