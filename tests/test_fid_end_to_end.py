@@ -106,10 +106,11 @@ def test_per_class_and_kid_in_json(weights, tmp_path, capsys):
         write_images(tmp_path / name / "malignant", [(30, 30)] * 2, seed=seed + 1)
     code, result, _ = run_cli(capsys, tmp_path / "a", tmp_path / "b", "--dims", 64, "--inception-weights",
                               path, "--cache-dir", tmp_path / "cache", "--per-class", "--kid",
-                              "--kid-subsets", 5, "--json")
+                              "--kid-subsets", 5, "--kid-subset-size", 4, "--json")
     assert code == 0 and set(result["per_class"]) == {"benign", "malignant"}
-    assert result["kid"]["subset_size"] == 5 and result["kid"]["num_subsets"] == 5
-    assert result["per_class"]["malignant"]["n1"] == 2 and "kid" in result["per_class"]["benign"]
+    assert result["kid"]["subset_size"] == 4 and result["kid"]["num_subsets"] == 5
+    assert result["per_class"]["malignant"]["n1"] == 2
+    assert result["per_class"]["benign"]["kid"]["num_subsets"] == 1      # 3 vs 3: whole sets
     code, again, _ = run_cli(capsys, tmp_path / "a", tmp_path / "b", "--dims", 64, "--inception-weights",
                              path, "--cache-dir", tmp_path / "cache", "--json")
     assert again["a"]["from_cache"] and again["fid"] == result["fid"]

@@ -101,8 +101,8 @@ def direct_kid(x, y) -> float:
 def test_kid_matches_direct_formula():
     a, b = gaussian_sets(15, 15, 8, seed=2)
     # one subset as large as the sets is a permutation of each set: the full estimate
-    r = kid(a, b, num_subsets=1, subset_size=1000)
-    assert r.subset_size == 15 and r.std == 0.0
+    r = kid(a, b, num_subsets=100, subset_size=1000)
+    assert (r.subset_size, r.num_subsets, r.std) == (15, 1, 0.0)
     assert r.mean == pytest.approx(direct_kid(a, b), rel=1e-10)
     a2, b2 = gaussian_sets(9, 13, 8, seed=4)               # unequal sizes
     assert mmd2_unbiased(a2, b2) == pytest.approx(direct_kid(a2, b2), rel=1e-10)

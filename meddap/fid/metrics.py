@@ -161,7 +161,9 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = KID_DEGREE) -> flo
 def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = KID_SUBSETS,
         subset_size: int = KID_SUBSET_SIZE, degree: int = KID_DEGREE, seed: int = 0) -> KIDResult:
     """KID: unbiased MMD² between random subsets of `subset_size` (capped at the
-    smaller set) drawn without replacement from each set, `num_subsets` times."""
+    smaller set) drawn without replacement from each set, `num_subsets` times.
+    When the subsets are both whole sets, the one exact value is returned
+    (num_subsets 1, std 0)."""
     f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise MeddapError(f"KID needs two feature arrays (N, d) of the same d; "
@@ -171,6 +173,9 @@ def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = KID_SUB
         raise MeddapError(f"KID needs at least 2 images in each set; got {f1.shape[0]} and {f2.shape[0]}.")
     if num_subsets < 1:
         raise MeddapError(f"KID needs at least one subset; got {num_subsets}.")
+    if m == f1.shape[0] == f2.shape[0]:
+        # every draw would be a permutation of both whole sets: one exact value
+        return KIDResult(mean=mmd2_unbiased(f1, f2, degree), std=0.0, num_subsets=1, subset_size=m)
     rng = np.random.default_rng(seed)
     values = np.array([
         mmd2_unbiased(f1[rng.choice(f1.shape[0], m, replace=False)],
