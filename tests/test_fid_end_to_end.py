@@ -135,3 +135,7 @@ def test_bad_input(weights, tmp_path, capsys):
     code, _, err = run_cli(capsys, tmp_path / "three", tmp_path / "three", "--formula", "as-released",
                            "--kid", "--inception-weights", tmp_path / "absent.pth")
     assert code == 2 and "no KID" in err
+    write_images(tmp_path / "two", [(30, 30)] * 2, seed=3)
+    code, _, err = run_cli(capsys, tmp_path / "three", tmp_path / "two", "--formula", "as-released",
+                           "--inception-weights", tmp_path / "absent.pth")
+    assert code == 2 and "same number of images" in err

@@ -119,6 +119,10 @@ def _as_released(args, sets, cache_dir, device) -> tuple[dict, list]:
     if args.dims != 2048 or args.kid:
         raise MeddapError("--formula as-released uses the 2048-d ImageNet average pool only and has "
                           "no KID; drop --dims/--kid or use --formula standard.")
+    if len(sets[0].items) != len(sets[1].items):
+        raise MeddapError(f"--formula as-released needs the same number of images in both sets "
+                          f"(its covariances are N×N); {args.dir_a} has {len(sets[0].items)}, "
+                          f"{args.dir_b} has {len(sets[1].items)}.")
     net = load_imagenet_inception(args.inception_weights or DEFAULT_IMAGENET_WEIGHTS, device)
     extractor = released_extractor(net, SkimageResize(args.as_released_skimage))
     feats = [cached_features(s, extractor, cache_dir=cache_dir, batch_size=args.batch_size,
