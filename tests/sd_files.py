@@ -14,6 +14,7 @@ only while torch.save runs).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import sys
 import types
@@ -24,6 +25,7 @@ import torch
 from meddap.models.checkpoint import PREFIXES, write_safetensors
 from meddap.models.stable_diffusion import build_stable_diffusion, checkpoint_state_dict
 
+BIGMEM_LOCK = "/tmp/meddap-bigmem.lock"   # one job above 3 GB of RAM at a time on shared machines
 REFERENCE_KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "sd_v1_checkpoint_keys.json"
 POSITION_IDS = PREFIXES["text_encoder"] + "embeddings.position_ids"
 
@@ -32,17 +34,32 @@ def reference_shapes(section: str = "required") -> dict[str, list[int]]:
     return json.loads(REFERENCE_KEYS.read_text())[section]
 
 
+POOL = 1 << 24
+
+
+def _fill_from(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None:
+    """flat[:] = pool[offset:], pool[:], pool[:], ... (wrapping around)."""
+    done = 0
+    while done < flat.numel():
+        n = min(flat.numel() - done, pool.numel() - offset)
+        flat[done:done + n] = pool[offset:offset + n]
+        done, offset = done + n, 0
+
+
 def random_state_dict(config: str = "tiny", dtype=torch.float32, seed: int = 0,
                       optional: bool = False) -> dict[str, torch.Tensor]:
     """Random tensors under SD v1 checkpoint names; optional=True adds the schedule
     buffers (meddap's values), logvar, EMA scalars and position_ids."""
     g = torch.Generator().manual_seed(seed)
     if config == "sd-v1.4":
+        # Full size: slices of one random pool at a different offset per tensor (fast, and
+        # tensors of equal shape still differ, so a swapped name would show).
+        pool = torch.rand(POOL + (1 << 20), generator=g) * 0.1 - 0.05
         out = {}
-        for name, shape in reference_shapes().items():
+        for i, (name, shape) in enumerate(reference_shapes().items()):
             t = torch.empty(shape, dtype=dtype)
-            t.uniform_(-0.05, 0.05, generator=g) if "norm" not in name else t.uniform_(0.9, 1.1, generator=g)
-            out[name] = t
+            _fill_from(t.view(-1), pool, offset=(i * 1_000_003) % POOL)
+            out[name] = t + 1 if "norm" in name else t
     else:
         torch.manual_seed(seed)
         out = {k: v.to(dtype) for k, v in checkpoint_state_dict(build_stable_diffusion(config)).items()}
@@ -110,3 +127,53 @@ def write_random_checkpoint(path, config: str = "tiny", fmt: str = "safetensors"
     else:
         raise ValueError(fmt)
     return Path(path)
+
+
+_held = [0]                                   # nesting depth of bigmem_lock in this process
+
+
+@contextlib.contextmanager
+def bigmem_lock():
+    """Hold the machine-wide lock for jobs that need more than 3 GB of RAM.
+
+    Re-entrant within one process (a second flock on a new file description
+    would wait for ourselves).
+    """
+    if _held[0]:
+        _held[0] += 1
+        try:
+            yield
+        finally:
+            _held[0] -= 1
+        return
+    with open(BIGMEM_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _held[0] = 1
+        try:
+            yield
+        finally:
+            _held[0] = 0
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def transformers_text_model(ours):
+    """transformers `CLIPTextModel` (SD v1's `FrozenCLIPEmbedder` transformer) holding the
+    weights of our TextEncoder `ours`, converted by our name map."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from meddap.models.text_encoder import open_clip_to_hf
+    c = ours.config
+    config = CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=4 * c.width,
+                            num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                            max_position_embeddings=c.context_length, hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    hf = {k: v.detach().clone() for k, v in open_clip_to_hf(ours.state_dict()).items()}
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+    missing, unexpected = model.load_state_dict({prefix + k: v for k, v in hf.items()}, strict=False, assign=True)
+    assert not unexpected and not missing, (missing, unexpected)
+    # the one buffer, HF's non-persistent position ids 0..76, is still on `meta`
+    (name, _), = model.named_buffers()
+    owner, _, buffer = name.rpartition(".")
+    model.get_submodule(owner).register_buffer(buffer, torch.arange(c.context_length)[None], persistent=False)
+    return model.eval()

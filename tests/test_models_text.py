@@ -5,37 +5,17 @@ import torch
 from meddap.models.config import get_config
 from meddap.models.text_encoder import TextEncoder, hf_to_open_clip, open_clip_to_hf, tokenize
 from oracles import perturb_vectors_, relative_error
+from sd_files import transformers_text_model
 
 PROMPTS = ["an ultrasound image of benign tumor in the breast",
            "dark ultrasound image of no tumor in the breast", ""]
-
-
-def hf_clip_text(ours: TextEncoder):
-    """transformers CLIPTextModel (SD v1's `FrozenCLIPEmbedder` transformer) holding our weights."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-    c = ours.config
-    config = CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=4 * c.width,
-                            num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                            max_position_embeddings=c.context_length, hidden_act="quick_gelu",
-                            layer_norm_eps=1e-5)
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    hf = {k: v.detach().clone() for k, v in open_clip_to_hf(ours.state_dict()).items()}
-    prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
-    missing, unexpected = model.load_state_dict({prefix + k: v for k, v in hf.items()}, strict=False, assign=True)
-    assert not unexpected and not missing, (missing, unexpected)
-    # the one buffer, HF's non-persistent position ids 0..76, is still on `meta`
-    (name, _), = model.named_buffers()
-    owner, _, buffer = name.rpartition(".")
-    model.get_submodule(owner).register_buffer(buffer, torch.arange(c.context_length)[None], persistent=False)
-    return model.eval()
 
 
 @pytest.mark.parametrize("config", ["tiny", "sd-v1.4"])
 def test_parity_with_transformers_clip(config):
     torch.manual_seed(0)
     ours = perturb_vectors_(TextEncoder(get_config(config).text), torch.Generator().manual_seed(1)).eval()
-    oracle = hf_clip_text(ours)
+    oracle = transformers_text_model(ours)
     tokens = tokenize(PROMPTS)
     with torch.no_grad():
         expected = oracle(input_ids=tokens).last_hidden_state   # all 77 positions, causal mask only
