@@ -100,5 +100,8 @@ def test_bad_input(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(MeddapError, match="no class sub-folders"):
         scan_folder(tmp_path / "flat")
-    with pytest.raises(MeddapError, match="neither a dataset folder nor a split spec"):
+    with pytest.raises(MeddapError, match="nothing does not exist; expected a dataset folder"):
         resolve_images(tmp_path / "nothing")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(MeddapError, match="is not a folder"):
+        resolve_images(tmp_path / "file.png")

@@ -231,5 +231,6 @@ def resolve_images(spec: str | Path, *, check: bool = False, strict: bool = Fals
     if ".json:" in s:
         image_set = read_split(s)
         return check_readable(image_set, strict) if check or strict else image_set
-    raise MeddapError(f"{s} is neither a dataset folder nor a split spec "
-                      f"SPLIT.json:FOLD:PART (e.g. split.json:0:train).")
+    what = "is not a folder" if Path(s).exists() else "does not exist"
+    raise MeddapError(f"{s} {what}; expected a dataset folder of class folders or a split "
+                      f"spec SPLIT.json:FOLD:PART (e.g. split.json:0:train).")
