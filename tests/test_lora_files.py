@@ -99,7 +99,7 @@ def test_authors_file_import_output_and_export(full_unet, reference_dir, tmp_pat
 
         # export gives the same file content: names, shapes, dtypes, values
         out = tmp_path / "exported.safetensors"
-        save_lora(unet, out, format="diffusers")
+        save_lora(unet, out, to="diffusers")
         exported = load_file(str(out))
         assert exported.keys() == original.keys()
         for key, value in original.items():

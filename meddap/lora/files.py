@@ -201,7 +201,7 @@ def describe_targets(layers: list[str]) -> str | list[str]:
     """'cross' or 'all' when the layers are exactly those of a named SD v1 set, else
     the layer names (a pattern list that selects exactly these layers)."""
     for t in Targets:
-        expected = {f"{b}.transformer_blocks.0.{p[2:]}" for b in COMPVIS_TO_DIFFUSERS_BLOCKS
+        expected = {f"{b}.transformer_blocks.0.{p.removeprefix('*.')}" for b in COMPVIS_TO_DIFFUSERS_BLOCKS
                     for p in TARGET_PATTERNS[t]}
         if set(layers) == expected:
             return t.value
@@ -250,9 +250,10 @@ _SAVE_KEYS = ("targets", "base_sha256", "base_config", "training_args", "step")
 
 
 def save_lora(unet: nn.Module, path: str | Path, metadata: dict | None = None,
-              format: LoRAFormat | str = LoRAFormat.MEDDAP) -> None:
-    """Write the UNet's adapters (atomically). `metadata` may give `targets`,
-    `base_sha256`, `base_config`, `training_args` (a dict) and `step`."""
+              to: LoRAFormat | str = LoRAFormat.MEDDAP) -> None:
+    """Write the UNet's adapters (atomically) in format `to`. `metadata` may give
+    `targets`, `base_sha256`, `base_config`, `training_args` (a dict) and `step`;
+    the diffusers format keeps none of it."""
     metadata = dict(metadata or {})
     unknown = sorted(set(metadata) - set(_SAVE_KEYS))
     if unknown:
@@ -269,7 +270,7 @@ def save_lora(unet: nn.Module, path: str | Path, metadata: dict | None = None,
         targets = list(targets)
     lora = LoRAFile(LoRAFormat.MEDDAP, lora_state_dict(unet), rank, alpha,
                     meddap_metadata(rank, alpha, targets, **metadata))
-    write_lora_file(path, lora, format)
+    write_lora_file(path, lora, to)
 
 
 @torch.no_grad()
