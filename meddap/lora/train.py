@@ -115,6 +115,8 @@ def _check_config(cfg: LoRARunConfig, device: torch.device) -> None:
         raise MeddapError(f"--max-steps must be at least 1; got {cfg.max_steps}.")
     if cfg.validate_every < 0:
         raise MeddapError(f"--validate-every must be 0 (off) or positive; got {cfg.validate_every}.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MeddapError(f"--device {cfg.device} asked, but torch sees no CUDA GPU here; use --device cpu.")
     if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
         raise MeddapError(f"--mixed-precision {cfg.mixed_precision.value} needs a CUDA device; "
                           f"on {device} training runs in float32 (--mixed-precision no).")
