@@ -28,7 +28,7 @@ the rotation and sharpening that set was augmented with.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -307,8 +307,8 @@ def write_phantom(out: str | Path, seed: int = 0, site: Site = Site.A, size: int
         image, mask = simulate(image_rng(seed, site, label, k), label, probe, size)
         write_bytes_atomic(out / label / f"{label} ({k}).png", png_bytes(image))
         write_bytes_atomic(out / label / f"{label} ({k})_mask.png", png_bytes(mask))
+    probe_record = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(probe).items()}
     record = {"generator": "meddap phantom", "seed": seed, "site": site.value, "size": size,
-              "counts": counts, "probe": {k: (v.value if isinstance(v, Enum) else v)
-                                          for k, v in probe.__dict__.items()}}
+              "counts": counts, "probe": probe_record}
     write_json_atomic(out / "phantom.json", record)
     return record

@@ -24,7 +24,6 @@ their size from the same distribution, so size does not tell them apart.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +45,18 @@ BENIGN_ASPECT = (1.25, 2.0)                   # width / height: parallel
 MALIGNANT_ASPECT = (0.55, 1.1)                # mostly taller than wide: non-parallel
 
 
-@functools.lru_cache(maxsize=32)
-def _upsample_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) linear interpolation from n_in grid nodes spanning the
-    output's extent onto n_out samples: fine = A @ coarse @ B.T."""
-    pos = np.linspace(0, n_in - 1, n_out)
-    return np.clip(1 - np.abs(pos[:, None] - np.arange(n_in)[None]), 0, 1).astype(np.float32)
+def _upsample_linear(coarse: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation of a coarse grid spanning the output's extent onto
+    `shape`, one axis at a time with element-wise weights (no BLAS threads)."""
+    out = coarse
+    for axis, n_out in enumerate(shape):
+        pos = np.linspace(0, out.shape[axis] - 1, n_out, dtype=np.float32)
+        lo = np.minimum(pos.astype(np.int64), out.shape[axis] - 2)
+        w = pos - lo                                                     # (n_out,)
+        w = w[:, None] if axis == 0 else w[None, :]
+        a, b = np.take(out, lo, axis=axis), np.take(out, lo + 1, axis=axis)
+        out = a * (1 - w) + b * w
+    return out                                                           # shape
 
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], corr_px: float) -> np.ndarray:
@@ -60,8 +65,8 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], corr_px: floa
     blurred and linearly interpolated up."""
     coarse = (max(2, int(shape[0] / corr_px) + 2), max(2, int(shape[1] / corr_px) + 2))
     n = ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), 0.7)
-    fine = _upsample_matrix(shape[0], coarse[0]) @ n @ _upsample_matrix(shape[1], coarse[1]).T
-    return (fine - fine.mean()) / (fine.std() + 1e-6)                  # (H, W)
+    fine = _upsample_linear(n, shape)                                    # (H, W)
+    return (fine - fine.mean()) / (fine.std() + 1e-6)
 
 
 def random_curve(rng: np.random.Generator, x: np.ndarray, mean: float, amplitude: float,
