@@ -9,12 +9,12 @@ and here, as in microsoft/loralib, with the scale α/r of LoRA section 4.1:
 
     W = W0 + (alpha / r) · up · down
 
-    code         paper   shape                            init
-    weight       W0      (d, k) = (out_features, in_features)  the base checkpoint, frozen
-    bias         b0      (d,)  or None                      the base checkpoint, frozen
-    lora_up      A       (d, r)                             zeros
-    lora_down    B       (r, k)                             N(0, (1/r)^2)
-    scaling      α/r     scalar                             alpha defaults to r: scale 1
+    code        paper  shape                                 init
+    weight      W0     (d, k) = (out_features, in_features)  the base checkpoint, frozen
+    bias        b0     (d,) or None                          the base checkpoint, frozen
+    lora_up     A      (d, r)                                zeros
+    lora_down   B      (r, k)                                N(0, (1/r)^2)
+    scaling     α/r    scalar                                alpha defaults to r: scale 1
 
 (The LoRA paper itself writes W0 + BA with B ∈ R^{d×r}; MEDDAP swaps the
 letters. `up`/`down` are diffusers' names, used by the authors' released file.)
