@@ -47,6 +47,8 @@ FWHM_PER_SIGMA = 2.3548              # 2 sqrt(2 ln 2) for a Gaussian
 TGC_ATTENUATION = 0.6                # dB/(cm MHz): the tissue average the operator compensates
 HEADROOM_DB = 22.0                   # gland's mean level sits this far below full white at 0 dB gain
 LESION_GREY = (18.0, 80.0)           # target mean grey of a lesion, both classes
+MALIGNANT_HETEROGENEITY = 0.8        # std of log echogenicity inside malignant lesions
+ECHO_FOCUS = 40.0                    # relative power of a microcalcification sample
 CLASSES = ("benign", "malignant", "normal")
 
 
@@ -182,10 +184,13 @@ def simulate(rng: np.random.Generator, label: str, probe: Probe, size: int
         inside = rho <= r
         w = np.clip(0.5 + (r - rho) / lesion.edge_mm, 0, 1).astype(np.float32)   # soft margin
         if lesion.malignant:
-            # Heterogeneous interior (lognormal), echogenic foci, echogenic halo.
-            texture = np.exp(0.8 * anatomy.smooth_noise(rng, w.shape, 0.6 / grid.axial_mm) - 0.32)
+            # Heterogeneous interior: lognormal exp(s n - s^2 / 2), mean 1;
+            # echogenic foci (microcalcifications); an echogenic halo outside.
+            s = MALIGNANT_HETEROGENEITY
+            noise = anatomy.smooth_noise(rng, w.shape, 0.6 / grid.axial_mm)
+            texture = np.exp(s * noise - s * s / 2)
             foci = rng.random(w.shape) < rng.uniform(0, 0.004)
-            texture = np.where(foci & inside, 40.0, texture)
+            texture = np.where(foci & inside, ECHO_FOCUS, texture)
             halo_mm = rng.uniform(0.8, 2.0)
             halo = np.exp(-np.square((rho - r - halo_mm / 2) / (halo_mm / 2))) * (rho > r)
             echo_bg = echo_bg * (1 + rng.uniform(1.0, 3.0) * halo)
