@@ -46,9 +46,6 @@ SUMMARY_NAME = "expand.json"
 NO_ADJECTIVE_FOLDER = "no_adjective"
 DTYPES = ("fp32", "fp16", "bf16")
 BARRIER_TIMEOUT = timedelta(hours=48)      # ranks may finish far apart after a resume
-# Settings a kept image must share with this run.
-_RESUME_KEYS = ("prompt", "negative_prompt", "seed", "sampler", "steps", "guidance", "height",
-                "width", "checkpoint_sha256", "lora_sha256")
 
 
 @dataclass(frozen=True)
