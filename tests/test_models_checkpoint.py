@@ -142,7 +142,7 @@ def test_sd2_and_sdxl_are_named(tmp_path, tiny_sd):
 @pytest.mark.parametrize("dtype", [torch.int8, "fp8", torch.float64, "float"])
 def test_wrong_dtype_request(tmp_path, dtype):
     path = write_random_checkpoint(tmp_path / "sd.safetensors")
-    with pytest.raises(MeddapError, match=r"dtype .* is not supported.*float32, float16 or bfloat16"):
+    with pytest.raises(MeddapError, match=r"sd\.safetensors: dtype .* is not supported.*float32, float16 or bfloat16"):
         load_stable_diffusion(path, dtype=dtype)
 
 

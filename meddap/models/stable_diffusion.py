@@ -29,15 +29,17 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    """torch.float32/float16/bfloat16, their names ("fp16", "bf16", ...), or None (float32)."""
+def resolve_dtype(dtype, path=None) -> torch.dtype:
+    """torch.float32/float16/bfloat16, their names ("fp16", "bf16", ...), or None (float32).
+    `path` (the file being loaded) is named in the error."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
     if dtype in (torch.float32, torch.float16, torch.bfloat16):
         return dtype
-    raise MeddapError(f"dtype {dtype!r} is not supported for Stable Diffusion weights; "
+    where = f"{path}: " if path is not None else ""
+    raise MeddapError(f"{where}dtype {dtype!r} is not supported for Stable Diffusion weights; "
                       f"use float32, float16 or bfloat16 ({', '.join(DTYPES)}).")
 
 
@@ -123,7 +125,7 @@ def load_stable_diffusion(path, device="cpu", dtype=torch.float32) -> StableDiff
     where present, are compared with meddap's schedule and any difference is
     warned about.
     """
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, path)
     source, config, report = inspect_checkpoint(path)
     report.raise_for_errors()
     for difference in ckpt.compare_schedule(source.tensors):
