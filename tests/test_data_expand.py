@@ -117,7 +117,7 @@ def test_resume_after_kill_and_damage(inputs, reference):
     while time.monotonic() < deadline and proc.poll() is None:
         if list(out.rglob("syn_*.png")):
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {p: p.stat().st_ino for p in out.rglob("syn_*.png")}
