@@ -20,6 +20,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy
 import torch
 
 from meddap.models.checkpoint import PREFIXES, write_safetensors
@@ -96,19 +97,22 @@ def lightning_lookalike():
                 sys.modules[n] = m
 
 
-def save_ckpt(path, state_dict: dict[str, torch.Tensor], lightning: bool = True) -> Path:
-    """A legacy-style SD .ckpt: {"state_dict": ..., "global_step": ..., "callbacks": {ModelCheckpoint: {...}}}."""
+def save_ckpt(path, state_dict: dict[str, torch.Tensor], lightning: bool = True,
+              zip_format: bool = True) -> Path:
+    """A legacy-style SD .ckpt: {"state_dict": ..., "global_step": ..., "callbacks": {ModelCheckpoint: {...}}}.
+
+    zip_format=False writes torch's pre-1.6 (non-zip) serialization."""
     obj = {"state_dict": state_dict, "global_step": 470000, "epoch": 5}
-    if not lightning:
-        torch.save(obj, path)
-        return Path(path)
-    with lightning_lookalike() as ModelCheckpoint:
-        callback = ModelCheckpoint()
-        callback.monitor, callback.best_model_score = None, torch.tensor(0.5)
-        obj["callbacks"] = {ModelCheckpoint: {"best_model_path": "", "best_model_score": None}}
-        obj["checkpoint_callback"] = callback
-        obj["pytorch-lightning_version"] = "1.4.2"
-        torch.save(obj, path)
+    if lightning:
+        with lightning_lookalike() as ModelCheckpoint:
+            callback = ModelCheckpoint()
+            callback.monitor, callback.best_model_score = None, torch.tensor(0.5)
+            obj["callbacks"] = {ModelCheckpoint: {"best_model_path": "", "best_k_models": {"a.ckpt": numpy.float64(0.5)}}}
+            obj["checkpoint_callback"] = callback
+            obj["pytorch-lightning_version"] = "1.4.2"
+            torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     return Path(path)
 
 

@@ -63,11 +63,13 @@ def test_nested_and_flat_pickles(tmp_path, tiny_sd):
 
 
 # ---- safety ----------------------------------------------------------------------------
-def test_legacy_ckpt_with_pickled_lightning_class_loads(tmp_path, tiny_sd):
-    path = save_ckpt(tmp_path / "legacy.ckpt", tiny_sd, lightning=True)
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_legacy_ckpt_with_pickled_lightning_class_loads(tmp_path, tiny_sd, zip_format):
+    path = save_ckpt(tmp_path / "legacy.ckpt", tiny_sd, lightning=True, zip_format=zip_format)
     assert "pytorch_lightning" not in sys.modules
-    assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in \
-        torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    if zip_format:
+        assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in \
+            torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     model = load_stable_diffusion(path)
     assert_loaded_equal(model, tiny_sd)
     assert "pytorch_lightning" not in sys.modules       # never imported

@@ -187,52 +187,55 @@ class PickledObjectStandIn:
         self.state = state
 
 
-def _stand_in(full_name: str) -> tuple[type, str]:
-    module, _, name = full_name.rpartition(".")
-    return type(name, (PickledObjectStandIn,), {"__module__": module}), full_name
+def _allow(full_name: str, path: Path) -> list[tuple[object, str]]:
+    """What a pickled global may become: an inert stand-in for a Lightning class, numpy's
+    plain-data scalar/dtype constructors, or nothing (a refusal naming the global)."""
+    if full_name.split(".")[0] in LIGHTNING_MODULES:
+        module, _, name = full_name.rpartition(".")
+        return [(type(name, (PickledObjectStandIn,), {"__module__": module}), full_name)]
+    if full_name in NUMPY_GLOBALS:
+        import numpy
+        if full_name != "numpy.dtype":
+            return [((getattr(numpy, "_core", None) or numpy.core).multiarray.scalar, full_name)]
+        # numpy >= 1.25 builds a dtype as an instance of its per-type class (numpy.dtypes.Float64DType)
+        kinds = [type(numpy.dtype(code)) for code in "?bhilqBHILQefd"]
+        return [(numpy.dtype, full_name)] + [(k, f"numpy.dtypes.{k.__name__}") for k in kinds]
+    raise MeddapError(f"{path}: refused: its pickle refers to {full_name}, which is not a tensor, "
+                      f"container or pytorch_lightning class; loading it could run code from the "
+                      f"file. Use a .safetensors copy from a trusted source.")
 
 
 def _load_pickle(path: Path):
-    """torch.load(weights_only=True) with Lightning classes allowed as stand-ins."""
-    allowed = []
+    """torch.load(weights_only=True) with Lightning classes allowed as stand-ins.
+
+    Zip-format files are scanned for globals first (nothing is loaded before a
+    refusal); torch's weights-only unpickler then names any global the scan
+    could not see (and every global of legacy, non-zip files), one per attempt.
+    """
+    allowed = {}
     if zipfile.is_zipfile(path):
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as e:                      # a damaged archive raises several types
             raise MeddapError(f"{path}: cannot read this torch zip archive ({e}); the file is "
                               f"truncated or damaged.") from None
-        for name in sorted(unsafe):
-            if name.split(".")[0] in LIGHTNING_MODULES:
-                allowed.append(_stand_in(name))
-            elif name in NUMPY_GLOBALS:
-                allowed.append((_numpy_global(name), name))
-            else:
-                raise MeddapError(f"{path}: refused: its pickle refers to {name}, which is not a tensor, "
-                                  f"container or pytorch_lightning class; loading it could run code "
-                                  f"from the file. Use a .safetensors copy from a trusted source.")
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        if found:
-            raise MeddapError(f"{path}: refused: its pickle refers to {found.group(1)}, which is not a "
-                              f"tensor, container or pytorch_lightning class; loading it could run code "
-                              f"from the file. Use a .safetensors copy from a trusted source.") from None
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise MeddapError(f"{path}: cannot read this torch file ({detail}); it is truncated, damaged "
-                          f"or not a torch checkpoint.") from None
-    except Exception as e:                          # the unpickler raises many types on damaged bytes
-        raise MeddapError(f"{path}: cannot read this torch file ({type(e).__name__}: "
-                          f"{str(e).split('. ')[0] if str(e) else 'no detail'}); it is truncated, "
-                          f"damaged or not a torch checkpoint.") from None
-
-
-def _numpy_global(name: str):
-    import numpy
-    if name == "numpy.dtype":
-        return numpy.dtype
-    return getattr(getattr(numpy, "_core", None) or numpy.core, "multiarray").scalar
+        allowed = {name: _allow(name, path) for name in sorted(unsafe)}
+    while True:
+        try:
+            with torch.serialization.safe_globals([g for entries in allowed.values() for g in entries]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            if found and found.group(1) not in allowed:
+                allowed[found.group(1)] = _allow(found.group(1), path)
+                continue
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise MeddapError(f"{path}: cannot read this torch file ({detail}); it is truncated, "
+                              f"damaged or not a torch checkpoint.") from None
+        except Exception as e:                      # the unpickler raises many types on damaged bytes
+            raise MeddapError(f"{path}: cannot read this torch file ({type(e).__name__}: "
+                              f"{str(e).split('. ')[0] if str(e) else 'no detail'}); it is truncated, "
+                              f"damaged or not a torch checkpoint.") from None
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
