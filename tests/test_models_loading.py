@@ -126,9 +126,14 @@ def test_diffusers_names_cover_the_full_size_layout(reference_dir):
     assert renamed == expected
 
 
-def test_diffusers_folder_missing_component(tmp_path):
+def test_diffusers_folder_missing_or_foreign_component(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(MeddapError, match=r"no unet/diffusion_pytorch_model\.safetensors"):
+        load_stable_diffusion(tmp_path)
+    for sub, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model")):
+        write_safetensors(tmp_path / sub / f"{name}.safetensors", {"transformer.blocks.0.weight": torch.zeros(2)})
+    with pytest.raises(MeddapError, match=r"diffusion_pytorch_model\.safetensors: has no down_blocks"):
         load_stable_diffusion(tmp_path)
 
 

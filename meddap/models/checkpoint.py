@@ -12,8 +12,9 @@ Formats (all give tensors under the original CompVis checkpoint names):
   * a diffusers folder (`unet/`, `vae/`, `text_encoder/`), renamed by
     meddap.models.diffusers_names.
 
-Then `inspect_keys` splits the names by component, tells SD v1 from SD 2.x and
-SDXL, and lists missing, mis-shaped, optional and unexpected keys.
+Then `detect_family` tells SD v1 from SD 2.x and SDXL, `check_keys` lists
+missing, mis-shaped, optional and unexpected keys per network, and
+`compare_schedule` compares stored schedule buffers with meddap's.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
 OPTIONAL = frozenset(SCHEDULE_BUFFERS + ("logvar", "model_ema.decay", "model_ema.num_updates",
                                          PREFIXES["text_encoder"] + "embeddings.position_ids"))
-# EMA copies of the UNet (`v1-4-full-ema.ckpt`: `model_ema.diffusion_modelinput_blocks00weight`, ...)
-# are accepted and ignored: SD v1.4's released weights are already the EMA weights.
+# EMA copies of the UNet (`sd-v1-4-full-ema.ckpt`: `model_ema.diffusion_modelinput_blocks00weight`, ...)
+# are accepted and not loaded: like CompVis v1-inference.yaml (use_ema: False) and diffusers'
+# conversion (extract_ema=False) we load `model.diffusion_model.*`.
 IGNORED_PREFIX = "model_ema."
 # Pickled classes replaced by inert stand-ins (the training framework of SD v1).
 LIGHTNING_MODULES = ("pytorch_lightning", "lightning")
@@ -55,6 +57,7 @@ NUMPY_GLOBALS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER = 100_000_000   # safetensors' own limit on the JSON header, in bytes
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_FILES = {"unet": ("unet", "diffusion_pytorch_model"), "vae": ("vae", "diffusion_pytorch_model"),
                    "text_encoder": ("text_encoder", "model")}
@@ -117,7 +120,7 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 2 or 8 + n > size:
+        if n < 2 or n > MAX_HEADER or 8 + n > size:
             raise MeddapError(f"{path}: not a safetensors file, or truncated (its header length "
                               f"{n} does not fit in {size} bytes).")
         try:
@@ -125,16 +128,22 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise MeddapError(f"{path}: the safetensors header is not valid JSON ({e}); "
                               f"the file is damaged or not a safetensors file.") from None
+        if not isinstance(header, dict):
+            raise MeddapError(f"{path}: the safetensors header is not a JSON object; the file is damaged.")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
     header.pop("__metadata__", None)
     tensors, pages = {}, {}
     for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        try:
+            code, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            count = math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise MeddapError(f"{path}: the header entry of tensor {name} is malformed ({info!r:.80}); "
+                              f"the file is damaged.") from None
+        dtype = SAFETENSORS_DTYPES.get(code)
         if dtype is None:
-            raise MeddapError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; "
+            raise MeddapError(f"{path}: tensor {name} has dtype {code!r}; "
                               f"meddap reads {', '.join(SAFETENSORS_DTYPES)}.")
-        shape, (begin, end) = info["shape"], info["data_offsets"]
-        count = math.prod(shape)
         start = 8 + n + begin
         if 8 + n + end > size:
             raise MeddapError(f"{path}: tensor {name} ends at byte {8 + n + end} but the file has "
@@ -274,7 +283,12 @@ def _open_diffusers_folder(folder: Path) -> Checkpoint:
         if component == "text_encoder":
             names = {k: diffusers_names.text_key(k) for k in part}
         else:
-            rules = (diffusers_names.unet_prefixes if component == "unet" else diffusers_names.vae_prefixes)(list(part))
+            try:
+                rules = (diffusers_names.unet_prefixes if component == "unet"
+                         else diffusers_names.vae_prefixes)(list(part))
+            except ValueError:                      # max() of no block indices
+                raise MeddapError(f"{file}: has no down_blocks.* tensors; it is not the {component} "
+                                  f"of a diffusers Stable Diffusion folder.") from None
             names = {k: diffusers_names.rename(k, rules) for k in part}
         for key, t in part.items():
             if names[key] is None:
