@@ -46,13 +46,13 @@ from meddap.sampling.schedule import NoiseSchedule
 class PretrainConfig:
     seed: int = 0
     size: int = 64                  # demo resolution: 64 px images, 8 x 8 latents
-    vae_steps: int = 600
+    vae_steps: int = 900
     vae_batch: int = 16
     vae_crop: int = 32              # training crop side (px); evaluation runs at `size`
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5         # per-element KL weight (LDM uses 1e-6 beside a perceptual loss)
     latent_images: int = 2000       # shapes encoded once for stage 3
-    unet_steps: int = 600
+    unet_steps: int = 1500
     unet_batch: int = 16
     unet_lr: float = 1e-3
     warmup_steps: int = 50
@@ -88,6 +88,13 @@ class _Log:
     def __init__(self, path: Path):
         self.path = path
 
+    def resume(self, stage: str, step: int) -> None:
+        """Drop the rows of `stage` past `step` (logged after the checkpoint a run resumes from)."""
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep = [ln for ln in lines[1:] if not (ln.startswith(stage + ",") and int(ln.split(",")[1]) > step)]
+            self.path.write_text(lines[0] + "".join(keep), encoding="utf-8")
+
     def row(self, stage: str, step: int, loss: float, lr: float) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
@@ -106,7 +113,8 @@ def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -
         state = torch.load(path, weights_only=True)
         vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         step = state["step"]
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+    log.resume("vae", step)
+    gen = torch.Generator()
     bar = Progress(total=cfg.vae_steps, desc="1/3 autoencoder", initial=step)
     vae.train()
     while step < cfg.vae_steps:
@@ -182,6 +190,7 @@ def train_unet(sd: StableDiffusion, cfg: PretrainConfig, data: dict, work: Path,
         state = torch.load(path, weights_only=True)
         unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
         step = state["step"]
+    log.resume("unet", step)
     schedule = NoiseSchedule.sd_v1()
     empty = text.tokenize([""])                                                 # (1, 77)
     n = data["mean"].shape[0]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +306,7 @@ def stage_classify(cfg: RunConfig, out: Path, fold_dir: Path, split: str, fold: 
                             fold=fold, adjective=adjective, ratio=ratio,
                             tests=tests + (fig1a if adjective is None else ()))
             _log(f"fold {fold}: classifier {net} on {name}")
-            cell = run_cell(spec, cell_path(out / "results", arch, name, fold))
+            cell = run_cell(spec, cell_path(fold_dir / "classify", arch, name, fold))
             result["cells"][f"{net}/{name}"] = {t: cell["evaluations"][t]["accuracy"] for t in cell["evaluations"]}
         if check:
             real_only = fold_dir / "classify" / net / condition_name(None, 0.0)
@@ -387,12 +386,25 @@ def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
         gradcam = stage_gradcam(cfg, fold_dir, split, k, classified)
         folds.append({"fold": k, "lora": str(lora[0]), "lora_sha256": lora[1], "fid": fid,
                       "classify": classified, "gradcam": gradcam, "check": check})
-    tables = [str(p) for p in write_tables(out / "results", out / "tables")]
+    tables = [str(p) for p in write_tables(collect_cells(out, cfg.data.folds), out / "tables")]
     report = write_report(cfg, out, {"data": data, "split": split, "base_sha256": base_sha, "folds": folds,
                                      "tables": tables, "seconds": round(time.monotonic() - t0, 1)})
     _log(f"done in {time.monotonic() - t0:.0f} s; report: {report}")
     return report
 
 
-def with_out(cfg: RunConfig, out: str) -> RunConfig:
-    return replace(cfg, run=replace(cfg.run, out=out))
+def collect_cells(out: Path, folds: int) -> Path:
+    """OUT/results/cells/<network>/<condition>/fold<k>.json: the current cells of every fold
+    (each fold's classify stage keeps its own, so a redone stage never leaves stale cells)."""
+    import shutil
+
+    results = out / "results"
+    if results.exists():
+        shutil.rmtree(results)
+    for k in range(folds):
+        for cell in sorted((out / f"fold{k}" / "classify" / "cells").rglob("fold*.json")):
+            dest = results / cell.relative_to(out / f"fold{k}" / "classify")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(cell, dest)
+    return results
+
