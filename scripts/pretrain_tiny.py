@@ -2,7 +2,8 @@
 
     python scripts/pretrain_tiny.py --work runs/pretrain_tiny --out weights/tiny/tiny-sd.safetensors
 
-Trains on CPU (about 40 minutes of one core); the stages checkpoint into --work and
+Trains on CPU (the shipped file: about 30 minutes on 2 shared cores); the stages
+checkpoint into --work and
 a re-run resumes. The seed and the settings below reproduce the shipped file;
 the settings are also stored in the file's safetensors metadata. See
 meddap/pipeline/pretrain.py for the recipe.

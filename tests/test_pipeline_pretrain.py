@@ -1,0 +1,71 @@
+"""The tiny base: its captioned shapes domain, the exact latent rescaling, the shipped file
+(SD v1 layout, fp16, <= 25 MB, read by the SD v1.4 loader) and the pretraining script's output."""
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from meddap.models.config import SD_LATENT_SCALE
+from meddap.models.stable_diffusion import build_stable_diffusion, load_stable_diffusion
+from meddap.pipeline import shapes
+from meddap.pipeline.pretrain import PretrainConfig, _to_tensor, calibrate_latent_scale, pretrain_tiny
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
+MEDDAP_WORDS = ("ultrasound", "tumor", "breast", "benign", "malignant", "lesion")
+
+
+def test_shapes_domain_is_deterministic_captioned_and_not_ultrasound():
+    caps, images = shapes.batch(3, 10, 40)
+    caps2, images2 = shapes.batch(3, 10, 40)
+    assert caps == caps2 and np.array_equal(images, images2) and images.shape == (40, 64, 64, 3)
+    assert shapes.batch(4, 10, 1)[0] != caps[:1] or not np.array_equal(shapes.batch(4, 10, 1)[1], images[:1])
+    for c in caps:
+        assert re.fullmatch(r"a (small|medium|large) [a-z ]+ [a-z]+( and a .+)? on an? [a-z ]+background", c), c
+        assert any(s in c for s in shapes.SHAPES) and any(col in c for col in shapes.COLOURS)
+        assert not any(w in c for w in MEDDAP_WORDS)
+
+
+@torch.no_grad()
+def test_latent_rescaling_keeps_the_autoencoder_and_gives_unit_variance():
+    torch.manual_seed(0)
+    sd = build_stable_diffusion("tiny")
+    x = _to_tensor(shapes.batch(5, 0, 4, 32)[1])
+    mean0, logvar0 = sd.vae.encode(x)
+    recon0 = sd.vae.decode(mean0)
+    cfg = PretrainConfig(size=32)
+    c = calibrate_latent_scale(sd, cfg, n=64)
+    mean1, logvar1 = sd.vae.encode(x)
+    torch.testing.assert_close(mean1, c * mean0, rtol=1e-4, atol=1e-5)          # z' = c z
+    torch.testing.assert_close(logvar1, logvar0 + 2 * np.log(c), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sd.vae.decode(mean1), recon0, rtol=1e-4, atol=1e-4)   # D'(c z) = D(z)
+    _, images = shapes.batch(cfg.seed + 1, 0, 64, 32)                          # the calibration batch
+    m, lv = sd.vae.encode(_to_tensor(images))
+    z = m + torch.exp(0.5 * lv) * torch.randn(m.shape, generator=torch.Generator().manual_seed(cfg.seed))
+    assert abs((SD_LATENT_SCALE * z).std().item() - 1.0) < 1e-4
+
+
+def test_shipped_tiny_base_loads_like_sd_v14():
+    assert SHIPPED.stat().st_size <= 25 * 2 ** 20
+    with safe_open(str(SHIPPED), "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("model.diffusion_model.input_blocks.0.0.weight").dtype == torch.float16
+        assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in f.keys())
+    assert meta["meddap_config"] == "tiny" and meta["pretrain_seed"] == "0"
+    assert "no ultrasound" in meta["pretrain_domain"]
+    sd = load_stable_diffusion(SHIPPED)                 # the SD v1.4 loader, strict
+    assert sd.config.name == "tiny" and sd.vae.scale == SD_LATENT_SCALE and sd.source_sha256
+
+
+def test_pretrain_script_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+    cfg = PretrainConfig(vae_steps=2, vae_batch=2, latent_images=4, unet_steps=2, unet_batch=2,
+                         warmup_steps=1, checkpoint_every=1, size=32, vae_crop=16)
+    out = pretrain_tiny(cfg, tmp_path / "work", tmp_path / "tiny.safetensors")
+    assert load_stable_diffusion(out).config.name == "tiny"
+    rows = (tmp_path / "work" / "log.csv").read_text().splitlines()
+    assert rows[0] == "stage,step,loss,lr" and len(rows) == 1 + 2 + 2
+    first = out.read_bytes()
+    pretrain_tiny(cfg, tmp_path / "work", tmp_path / "again.safetensors")      # all stages done: resumed
+    assert len((tmp_path / "work" / "log.csv").read_text().splitlines()) == 5
+    assert (tmp_path / "again.safetensors").read_bytes() == first
