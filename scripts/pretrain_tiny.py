@@ -1,10 +1,10 @@
 """Pretrain the `tiny` Stable Diffusion base shipped in weights/tiny/ (issue 8).
 
-    python scripts/pretrain_tiny.py --work runs/pretrain_tiny --out weights/tiny/tiny-sd.safetensors
+    python scripts/pretrain_tiny.py --threads 1 --work runs/pretrain_tiny --out weights/tiny/tiny-sd.safetensors
 
 Trains on CPU (the shipped file: about 30 minutes on 2 shared cores); the stages
-checkpoint into --work and
-a re-run resumes. The seed and the settings below reproduce the shipped file;
+checkpoint into --work and a re-run resumes. The seed and the default settings
+(PretrainConfig) with one thread reproduce the shipped file;
 the settings are also stored in the file's safetensors metadata. See
 meddap/pipeline/pretrain.py for the recipe.
 """
