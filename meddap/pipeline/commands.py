@@ -35,5 +35,14 @@ def _demo(args) -> int:
     from meddap.pipeline.config import load_config
     from meddap.pipeline.run import run
 
-    run(load_config("demo-fast" if args.fast else "demo"), args.out)
+    import json
+    from pathlib import Path
+
+    report = run(load_config("demo-fast" if args.fast else "demo"), args.out)
+    check = json.loads((Path(args.out) / "fold0" / "classify" / "summary.json").read_text())["check"]
+    for key, value in sorted(check.items()):
+        net, kind = key.split("/")
+        print(f"meddap demo: {net} trained on the real phantoms classifies the "
+              f"{'adapted' if kind == 'adapted' else 'unadapted base'}'s images at {value['accuracy']:.1%}")
+    print(f"meddap demo: see {report}")
     return 0

@@ -243,7 +243,7 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.exists() and (SHIPPED / f"{path.name}.toml").exists():
         path = SHIPPED / f"{path.name}.toml"
     if not path.is_file():
-        shipped = ", ".join(p.stem for p in sorted(SHIPPED.glob("*.toml")))
+        shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
         raise MeddapError(f"config {path} does not exist; give a TOML file or a shipped config ({shipped}).")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

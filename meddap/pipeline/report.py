@@ -38,6 +38,18 @@ def sample_grid(rows: list[tuple[str, list[Path]]], path: Path, columns: int = G
     return path
 
 
+def _stack(paths: list[Path], path: Path) -> Path:
+    """The pictures one above the other (the demo's overview: real, adapted, unadapted)."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + 4 * len(images)), "white")
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + 4
+    _save(canvas, path)
+    return path
+
+
 def loss_curve(csv_path: Path, path: Path, size: tuple[int, int] = (480, 240), smooth: int = 20) -> Path:
     """The USLoRA training loss per step (grey) and its running mean over `smooth` steps (blue)."""
     with open(csv_path, encoding="utf-8") as f:
@@ -134,20 +146,21 @@ def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
     rows = [(f"real {c}", [it.path for it in real.items if it.label == c]) for c in real.classes]
     lines += ["## Samples", "", f"![real]({_rel(sample_grid(rows, figures / 'real.png'), out)})", ""]
     if fold0["check"]:
+        grids = [figures / "real.png"]
         for kind, folder in fold0["check"].items():
             rows = [(f"{kind} {c}", sorted((Path(folder) / c).glob("*.png"))) for c in real.classes]
-            grid = sample_grid(rows, figures / f"check_{kind}.png")
-            lines += [f"Class prompts, {kind} model (`{_rel(folder, out)}`):", "", f"![{kind}]({_rel(grid, out)})", ""]
+            grids.append(sample_grid(rows, figures / f"check_{kind}.png"))
+            lines += [f"Class prompts, {kind} model (`{_rel(folder, out)}`):", "", f"![{kind}]({_rel(grids[-1], out)})", ""]
+        overview = _stack(grids, figures / "overview.png")
+        lines += [f"All three at once (real, adapted, unadapted): ![overview]({_rel(overview, out)})", ""]
+    from meddap.pipeline.run import adjective_dir
     for fold in info["folds"]:
         k = fold["fold"]
-        from meddap.pipeline.run import adjective_dir
         for adj in cfg.generate.adjectives:
             pool = out / f"fold{k}" / "synthetic" / adjective_dir(adj) / "pool"
             rows = [(f"{adj}: {c}", sorted((pool / c).glob("*.png"))) for c in real.classes]
             grid = sample_grid(rows, figures / f"fold{k}_{adjective_dir(adj)}.png")
             lines += [f"Fold {k}, adjective *{adj}*:", "", f"![{adj}]({_rel(grid, out)})", ""]
-        if k > 0:
-            continue
     lines += ["## USLoRA training loss", ""]
     for fold in info["folds"]:
         curve = loss_curve(Path(fold["lora"]).parent / "log.csv", figures / f"fold{fold['fold']}_lora_loss.png")
