@@ -42,7 +42,7 @@ def _demo(args) -> int:
     check = json.loads((Path(args.out) / "fold0" / "classify" / "summary.json").read_text())["check"]
     for key, value in sorted(check.items()):
         net, kind = key.split("/")
-        print(f"meddap demo: {net} trained on the real phantoms classifies the "
-              f"{'adapted' if kind == 'adapted' else 'unadapted base'}'s images at {value['accuracy']:.1%}")
+        print(f"meddap demo: {net} trained on the real phantoms classifies the images of the "
+              f"{'adapted' if kind == 'adapted' else 'unadapted'} base at {value['accuracy']:.1%}")
     print(f"meddap demo: see {report}")
     return 0

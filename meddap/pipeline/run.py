@@ -336,7 +336,8 @@ def stage_gradcam(cfg: RunConfig, fold_dir: Path, split: str, fold: int, classif
     test = manifest["folds"][fold]["test"]
     by_class = {c: [e for e in test if e["class"] == c] for c in manifest["classes"]}
     picked = [by_class[c][i] for i in range(n) for c in by_class if i < len(by_class[c])][:n]
-    mini = {**manifest, "folds": [{"train": [], "val": [], "test": picked}]}
+    root = (Path(split).parent / manifest.get("root", ".")).resolve()     # the split's root is relative to it
+    mini = {**manifest, "root": str(root), "folds": [{"train": [], "val": [], "test": picked}]}
     write_json_atomic(folder / "images.json", mini)
     net = cfg.classify.networks[0]
     cells = {k: v["dataset_a"] for k, v in classified["cells"].items() if k.startswith(f"{net}/")}
