@@ -214,8 +214,6 @@ def stage_check(cfg: RunConfig, out: Path, classes: list[str], lora: tuple[Path,
 
 def _features(folder_spec: str, cfg: RunConfig, space: FeatureSpace) -> tuple[np.ndarray, list[str]]:
     """(N, D) features of a folder or split part, and the labels."""
-    import torch
-
     from meddap.data.datasets import load_rgb, resolve_images
 
     image_set = resolve_images(folder_spec)
@@ -228,7 +226,6 @@ def _features(folder_spec: str, cfg: RunConfig, space: FeatureSpace) -> tuple[np
         s = PIXEL_FEATURE_SIDE
         feats = np.stack([np.asarray(load_rgb(it.path).convert("L").resize((s, s)), np.float64).ravel() / 255.0
                           for it in image_set.items])                                  # (N, 256)
-    del torch
     return feats, [it.label for it in image_set.items]
 
 
