@@ -73,6 +73,9 @@ def test_stage_skips_resumes_and_redoes(tmp_path):
     assert json.loads((st.folder / "stage.json").read_text())["inputs"] == {"a": 1}
     again = Stage(tmp_path / "s", "s", {"a": 1}, log.append)
     assert again.done() and again.outputs_sha256 == record["outputs_sha256"]
-    changed = Stage(tmp_path / "s", "s", {"a": 2}, log.append)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "image.png").write_text("old")
+    changed = Stage(tmp_path / "s", "s", {"a": 2}, log.append, owns=(tmp_path / "elsewhere",))
     assert not changed.done() and "inputs changed" in log[-2]
-    assert not (st.folder / "out.txt").exists()            # redone from scratch
+    assert not (st.folder / "out.txt").exists()            # redone from scratch,
+    assert not (tmp_path / "elsewhere").exists()           # with the outputs it owns elsewhere

@@ -198,7 +198,7 @@ def stage_check(cfg: RunConfig, out: Path, classes: list[str], lora: tuple[Path,
     n = cfg.generate.check_images
     folders = {"adapted": out / "synthetic", "base": out / "synthetic_base"}
     st = Stage(out / "check", "check", {"generate": cfg.section_dict("generate"), "lora_sha256": lora[1],
-                                        "classes": classes}, _log)
+                                        "classes": classes}, _log, owns=tuple(folders.values()))
     if not st.done():
         for kind, folder in folders.items():
             sd = load_model(cfg, lora[0] if kind == "adapted" else None)

@@ -41,8 +41,10 @@ def tree_sha256(folder: Path) -> str:
 class Stage:
     """`with`-less helper: `if not st.done(): ...work in st.folder...; st.finish(extra)`."""
 
-    def __init__(self, folder: Path, name: str, inputs: dict, log=print):
+    def __init__(self, folder: Path, name: str, inputs: dict, log=print, owns: tuple[Path, ...] = ()):
+        """`owns`: output folders outside `folder` that are emptied with it when inputs change."""
         self.folder, self.name, self.inputs = Path(folder), name, inputs
+        self.owns = tuple(Path(p) for p in owns)
         self.key = json_sha256(inputs)
         self.log = log
         self.record: dict | None = None
@@ -56,17 +58,22 @@ class Stage:
                 self.log(f"[{self.name}] up to date (inputs {self.key[:12]}), skipped")
                 return True
             self.log(f"[{self.name}] inputs changed, redoing it")
-            shutil.rmtree(self.folder)
+            self._clear()
         started = self.folder / STARTED
         if started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("inputs_sha256") != self.key:
             self.log(f"[{self.name}] a partial run with other inputs is there; starting afresh")
-            shutil.rmtree(self.folder)
+            self._clear()
         elif started.is_file():
             self.log(f"[{self.name}] resuming an interrupted run")
         else:
             self.log(f"[{self.name}] running")
         write_json_atomic(started, {"inputs_sha256": self.key, "inputs": self.inputs})
         return False
+
+    def _clear(self) -> None:
+        for folder in (self.folder, *self.owns):
+            if folder.exists():
+                shutil.rmtree(folder)
 
     def finish(self, extra: dict | None = None) -> dict:
         self.record = {"stage": self.name, "inputs": self.inputs, "inputs_sha256": self.key,
