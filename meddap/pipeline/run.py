@@ -189,7 +189,7 @@ def stage_expand(cfg: RunConfig, fold_dir: Path, split: str, fold: int, lora: tu
                   for r in g.ratios} for adj in g.adjectives} | {"_sha256": st.outputs_sha256}
 
 
-def stage_check(cfg: RunConfig, out: Path, classes: list[str], lora: tuple[Path, str]) -> dict:
+def stage_check(cfg: RunConfig, out: Path, classes: list[str], lora: tuple[Path, str]) -> tuple[dict, str]:
     """The adaptation check of the demo: the same prompts and seeds through the adapted
     base (OUT/synthetic/{class}) and the base alone (OUT/synthetic_base/{class})."""
     from meddap.data.prompts import prompt_for
@@ -207,7 +207,7 @@ def stage_check(cfg: RunConfig, out: Path, classes: list[str], lora: tuple[Path,
             _log(f"check: {len(jobs)} images from the {kind} model")
             generate_folder(sd, cfg, jobs)
         st.finish({"sha256": {k: tree_sha256(f) for k, f in folders.items()}})
-    return {k: str(f) for k, f in folders.items()}
+    return {k: str(f) for k, f in folders.items()}, json_sha256(st.record["sha256"])
 
 
 # ---------------------------------------------------------------- 6. FID / KID
@@ -267,7 +267,7 @@ def stage_fid(cfg: RunConfig, fold_dir: Path, split: str, fold: int, sets: dict[
 # ---------------------------------------------------------------- 7-8. classifiers and Grad-CAM
 
 def stage_classify(cfg: RunConfig, out: Path, fold_dir: Path, split: str, fold: int, data: dict,
-                   synthetic: dict, check: dict | None) -> dict:
+                   synthetic: dict, check: dict | None, check_sha: str) -> dict:
     """One result cell per (network, condition) via meddap.classify.tables.run_cell; the
     real-only network also scores the check sets. Cells are skipped when complete."""
     from meddap.classify.evaluate import evaluate
@@ -278,7 +278,7 @@ def stage_classify(cfg: RunConfig, out: Path, fold_dir: Path, split: str, fold: 
     c = cfg.classify
     inputs = {"classify": cfg.section_dict("classify"), "synthetic_sha256": synthetic["_sha256"],
               "data": data["real_sha256"], "unseen": data["unseen_sha256"], "split": split, "fold": fold,
-              "check": check or {}}
+              "check": check or {}, "check_sha256": check_sha}
     st = Stage(fold_dir / "classify", f"fold{fold}/classify", inputs, _log)
     if st.done():
         return st.record["result"]
@@ -375,12 +375,13 @@ def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
         fold_dir = out / f"fold{k}"
         lora = stage_lora(cfg, fold_dir, split, k, base_sha, split_sha)
         synthetic = stage_expand(cfg, fold_dir, split, k, lora)
-        check = stage_check(cfg, out, classes, lora) if cfg.generate.check_images and k == 0 else None
+        check, check_sha = (stage_check(cfg, out, classes, lora) if cfg.generate.check_images and k == 0
+                            else (None, ""))
         top = max(cfg.generate.ratios)
         sets = {f"{adj} (x{top:g})": synthetic[adj][top] for adj in cfg.generate.adjectives}
         sets.update({f"check/{kind}": f for kind, f in (check or {}).items()})
-        fid = stage_fid(cfg, fold_dir, split, k, sets, json_sha256([synthetic["_sha256"], check, split_sha]))
-        classified = stage_classify(cfg, out, fold_dir, split, k, data, synthetic, check)
+        fid = stage_fid(cfg, fold_dir, split, k, sets, json_sha256([synthetic["_sha256"], check_sha, split_sha]))
+        classified = stage_classify(cfg, out, fold_dir, split, k, data, synthetic, check, check_sha)
         gradcam = stage_gradcam(cfg, fold_dir, split, k, classified)
         folds.append({"fold": k, "lora": str(lora[0]), "lora_sha256": lora[1], "fid": fid,
                       "classify": classified, "gradcam": gradcam, "check": check})
