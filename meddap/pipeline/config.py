@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from meddap.data.prompts import ADJECTIVES
 from meddap.errors import MeddapError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,8 +75,7 @@ class LoraSection:
 
 @dataclass(frozen=True)
 class GenerateSection:
-    adjectives: tuple = ("none", "colorful", "stylized", "high-contrast", "low-contrast", "posterized",
-                         "sheared", "solarized", "bright", "dark")    # Table 1
+    adjectives: tuple = ADJECTIVES              # Table 1
     ratios: tuple = (0.5, 1.0, 2.0)             # +50%, +100%, +200% per class
     sampler: str = "pndm"                       # released: diffusers' SD v1.4 default
     steps: int = 30

@@ -153,13 +153,13 @@ def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
             lines += [f"Class prompts, {kind} model (`{_rel(folder, out)}`):", "", f"![{kind}]({_rel(grids[-1], out)})", ""]
         overview = _stack(grids, figures / "overview.png")
         lines += [f"All three at once (real, adapted, unadapted): ![overview]({_rel(overview, out)})", ""]
-    from meddap.pipeline.run import adjective_dir
+    from meddap.data.expand import adjective_folder, ratio_folder
     for fold in info["folds"]:
         k = fold["fold"]
         for adj in cfg.generate.adjectives:
-            pool = out / f"fold{k}" / "synthetic" / adjective_dir(adj) / "pool"
-            rows = [(f"{adj}: {c}", sorted((pool / c).glob("*.png"))) for c in real.classes]
-            grid = sample_grid(rows, figures / f"fold{k}_{adjective_dir(adj)}.png")
+            train = out / f"fold{k}" / "synthetic" / adjective_folder(adj) / ratio_folder(max(cfg.generate.ratios)) / "train"
+            rows = [(f"{adj}: {c}", sorted((train / c).glob("*.png"))) for c in real.classes]
+            grid = sample_grid(rows, figures / f"fold{k}_{adjective_folder(adj)}.png")
             lines += [f"Fold {k}, adjective *{adj}*:", "", f"![{adj}]({_rel(grid, out)})", ""]
     lines += ["## USLoRA training loss", ""]
     for fold in info["folds"]:

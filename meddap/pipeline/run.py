@@ -20,7 +20,6 @@ Each stage writes stage.json with the hashes of its inputs (stages.py).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -36,11 +35,6 @@ PIXEL_FEATURE_SIDE = 16     # substitute features: 16 x 16 grey thumbnails = 256
 
 def _log(msg: str) -> None:
     print(f"meddap run: {msg}", flush=True)
-
-
-def adjective_dir(adjective: str) -> str:
-    """Folder name of an adjective: `no_adjective` for "none", as `meddap expand` names it."""
-    return "no_adjective" if adjective == "none" else adjective
 
 
 # ---------------------------------------------------------------- 1-2. data and split
@@ -147,46 +141,32 @@ def generate_folder(sd, cfg: RunConfig, jobs: list[tuple[Path, str, int]]) -> No
             write_png(path, r.image, r.metadata)
 
 
-def _seed_base(cfg: RunConfig, fold: int, adjective_index: int, class_index: int) -> int:
-    return cfg.run.seed * 1_000_003 + fold * 10_007 + adjective_index * 101 + class_index
-
-
 def stage_expand(cfg: RunConfig, fold_dir: Path, split: str, fold: int, lora: tuple[Path, str]) -> dict:
-    """OUT/fold{k}/synthetic/{adj}/ratio_{r}/train/{class}/: image i of (adj, class) has the
-    seed image_seed(base(adj, class), i), so a smaller ratio's set is a prefix of a larger one's
-    (the pool is generated once and hard-linked into each ratio folder)."""
+    """`meddap expand` (meddap.data.expand) on the fold's training images, into
+    OUT/fold{k}/synthetic/{adjective|no_adjective}/ratio_{r}/train/{class}/: int(count x ratio)
+    images per class; image i of a class is the same picture at every ratio. The base seed of
+    fold k is image_seed(run seed, k)."""
     from meddap.data.datasets import resolve_images
-    from meddap.data.prompts import prompt_for
+    from meddap.data.expand import ExpandConfig, adjective_folder, expand, ratio_folder
     from meddap.sampling.text_to_image import image_seed
 
     g = cfg.generate
+    out = fold_dir / "synthetic"
     counts = resolve_images(f"{split}:{fold}:train").counts()
-    st = Stage(fold_dir / "synthetic", f"fold{fold}/expand", {"generate": cfg.section_dict("generate"),
-                                                              "lora_sha256": lora[1], "counts": counts,
-                                                              "as_released": cfg.lora.as_released}, _log)
+    st = Stage(out, f"fold{fold}/expand", {"generate": cfg.section_dict("generate"),
+                                           "lora_sha256": lora[1], "counts": counts,
+                                           "as_released": cfg.lora.as_released}, _log)
     if not st.done():
-        sd = load_model(cfg, lora[0])
-        for a, adj in enumerate(g.adjectives):
-            pool = fold_dir / "synthetic" / adjective_dir(adj) / "pool"
-            jobs = []
-            for c, (cls, n) in enumerate(sorted(counts.items())):
-                prompt = prompt_for(cls, None if adj == "none" else adj, as_released=cfg.lora.as_released)
-                top = max(int(n * r) for r in g.ratios)
-                jobs += [(pool / cls / f"{cls}_{i:05d}.png", prompt, image_seed(_seed_base(cfg, fold, a, c), i))
-                         for i in range(top)]
-            _log(f"fold {fold}: generating {len(jobs)} images for adjective {adj!r}")
-            generate_folder(sd, cfg, jobs)
-            for r in g.ratios:
-                for cls, n in counts.items():
-                    dest = fold_dir / "synthetic" / adjective_dir(adj) / f"ratio_{r:g}" / "train" / cls
-                    dest.mkdir(parents=True, exist_ok=True)
-                    for i in range(int(n * r)):
-                        target = dest / f"{cls}_{i:05d}.png"
-                        if not target.exists():
-                            os.link(pool / cls / f"{cls}_{i:05d}.png", target)
+        _log(f"fold {fold}: expanding with {len(g.adjectives)} adjective(s) x ratios {list(g.ratios)}")
+        expand(ExpandConfig(checkpoint=str(resolve_path(cfg.lora.checkpoint)), data=f"{split}:{fold}:train",
+                            out=str(out), lora=str(lora[0]), ratios=tuple(g.ratios),
+                            adjectives=tuple(g.adjectives), as_released=cfg.lora.as_released,
+                            sampler=g.sampler, steps=g.steps, guidance=g.guidance, height=g.size,
+                            width=g.size, seed=image_seed(cfg.run.seed, fold), batch_size=g.batch_size,
+                            device=cfg.run.device, quiet=True))
         st.finish()
-    return {adj: {r: str(fold_dir / "synthetic" / adjective_dir(adj) / f"ratio_{r:g}" / "train")
-                  for r in g.ratios} for adj in g.adjectives} | {"_sha256": st.outputs_sha256}
+    return {adj: {r: str(out / adjective_folder(adj) / ratio_folder(r) / "train") for r in g.ratios}
+            for adj in g.adjectives} | {"_sha256": st.outputs_sha256}
 
 
 def stage_check(cfg: RunConfig, out: Path, classes: list[str], lora: tuple[Path, str]) -> tuple[dict, str]:
@@ -285,7 +265,7 @@ def stage_classify(cfg: RunConfig, out: Path, fold_dir: Path, split: str, fold: 
     from meddap.classify.tables import DATASET_A, DATASET_B, SYNTHETIC
 
     tests = (((DATASET_A, f"{split}:{fold}:test"),) + (((DATASET_B, data["unseen"]),) if data["unseen"] else ()))
-    fig1a = tuple((SYNTHETIC + adj, str(Path(synthetic[adj][max(cfg.generate.ratios)]).parent.parent / "pool"))
+    fig1a = tuple((SYNTHETIC + adj, synthetic[adj][max(cfg.generate.ratios)])
                   for adj in cfg.generate.adjectives)       # real-only networks on each synthetic set
     conditions = [(None, 0.0)] + [(a, r) for a in cfg.generate.adjectives for r in cfg.generate.ratios]
     result: dict = {"cells": {}, "check": {}}
