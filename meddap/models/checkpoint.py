@@ -4,7 +4,7 @@ Formats (all give tensors under the original CompVis checkpoint names):
   * `.safetensors`: memory-mapped; a tensor is a view into the file until a
     loader copies it (then its pages are handed back, see `Checkpoint.take`).
   * `.ckpt` / `.pt` / `.pth` / `.bin`: torch pickles, read only through
-    torch's weights-only unpickler, never `weights_only=False`. Legacy SD
+    torch's weights-only unpickler (never the unrestricted one). Legacy SD
     files pickle `pytorch_lightning` objects (e.g. a ModelCheckpoint callback
     as a dict key); each such class is replaced by an inert stand-in, so
     Lightning is neither needed nor imported and no code from the file runs.
