@@ -98,3 +98,43 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break  # the write of the last line was interrupted
             raise MeddapError(f"{path}, line {i + 1}: not valid JSON ({e.msg}).") from e
     return out
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> None:
+    """`torch.save(obj)` to `path` atomically (serialised in memory, then renamed into place)."""
+    import io as _io
+
+    import torch
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def truncate_log(path: str | os.PathLike, header: str, keep) -> None:
+    """Rewrite a CSV log atomically with `header` and the complete rows for which
+    `keep(fields)` is true (fields: the row split on commas). A resumed run calls
+    it so the log holds only the steps before its checkpoint, which it then redoes."""
+    path = Path(path)
+    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)[1:] if path.exists() else []
+    kept = [r for r in rows if r.endswith("\n") and keep(r.rstrip("\n").split(","))]
+    write_text_atomic(path, header + "".join(kept))
+
+
+# The per-stream seed rule: stream k of a run seeded S draws from a generator
+# seeded (S · 1_000_003 + k) mod 2^63. A prime multiplier keeps the streams of
+# nearby base seeds apart for up to a million streams (images, epochs, steps).
+SEED_STREAM_MULTIPLIER = 1_000_003
+SEED_MODULUS = 2 ** 63
+
+
+def stream_seed(base_seed: int, stream: int) -> int:
+    """(base_seed · 1_000_003 + stream) mod 2^63: the seed of one stream of a run."""
+    return (int(base_seed) * SEED_STREAM_MULTIPLIER + int(stream)) % SEED_MODULUS
+
+
+def dataset_sha256(items) -> str:
+    """The one hash of a labelled image set: SHA-256 over its ordered lines
+    "<label>\\t<SHA-256 of the file's bytes>\\n". Paths do not enter it, so a moved
+    copy of the same images hashes the same. `items`: objects with .label and .path."""
+    lines = [f"{it.label}\t{sha256_file(it.path)}\n" for it in items]
+    return sha256_bytes("".join(lines).encode("utf-8"))

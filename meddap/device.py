@@ -1,0 +1,72 @@
+"""The one device rule and the one dtype rule of every command.
+
+Device: a field holds None ("auto") or a name such as "cpu", "cuda", "cuda:1".
+- None: the GPU of this process when torch sees one, else the CPU.
+- "cuda" (no index) under torchrun (LOCAL_RANK set): cuda:LOCAL_RANK, so that
+  the ranks of one machine do not all use GPU 0; otherwise the current GPU.
+- A CUDA name on a machine without a usable GPU is an error, not a fallback.
+
+Dtype: "fp32" | "fp16" | "bf16"; bf16 on a GPU without bf16 support is an error.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from meddap.errors import MeddapError
+
+DEVICE_HELP = "cpu, cuda or cuda:N; empty: this process's GPU when there is one, else cpu"
+DTYPES = ("fp32", "fp16", "bf16")
+_DEVICE_NAME = re.compile(r"(cpu|cuda(:\d+)?|mps|meta)")
+
+
+def check_device_name(name) -> str | None:
+    """A settings check: None for a device name torch accepts, else the complaint (no torch import)."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        return "is not a device; use cpu, cuda or cuda:N"
+    return None
+
+
+def check_dtype_name(name) -> str | None:
+    return None if name in DTYPES else f"is not a dtype; choose one of {', '.join(DTYPES)}"
+
+
+def resolve_device(name: str | None, flag: str = "--device"):
+    """The torch.device of the rule above."""
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if name is None or name == "":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    complaint = check_device_name(name)
+    if complaint:
+        raise MeddapError(f"{flag} {name!r} {complaint}.")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MeddapError(f"{flag} {name}: no CUDA GPU is usable here; use cpu.")
+        if device.index is None:
+            index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+            device = torch.device("cuda", index)
+        if device.index >= torch.cuda.device_count():
+            raise MeddapError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_dtype(name: str, device=None, flag: str = "--dtype"):
+    """torch dtype of "fp32" | "fp16" | "bf16", checked against the device."""
+    import torch
+
+    complaint = check_dtype_name(name)
+    if complaint:
+        raise MeddapError(f"{flag} {name!r} {complaint}.")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if dtype is torch.bfloat16 and device is not None and torch.device(device).type == "cuda" \
+            and not torch.cuda.is_bf16_supported():
+        raise MeddapError(f"{flag} bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                          f"use fp16 or fp32.")
+    return dtype
