@@ -53,6 +53,7 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(config.vae)
         self.text_encoder = TextEncoder(config.text)
         self.source_files: list[Path] = []      # weight files this model was loaded from
+        self.lora_sha256: str | None = None     # SHA-256 of the adapter file loaded into .unet, if any
 
     @functools.cached_property
     def source_sha256(self) -> str | None:
