@@ -1,6 +1,6 @@
 """The one device rule and the one dtype rule of every command.
 
-Device: a field holds None ("auto") or a name such as "cpu", "cuda", "cuda:1".
+Device: a field holds None or "" (auto; "" is how a TOML file says it) or a name such as "cpu", "cuda", "cuda:1".
 - None: the GPU of this process when torch sees one, else the CPU.
 - "cuda" (no index) under torchrun (LOCAL_RANK set): cuda:LOCAL_RANK, so that
   the ranks of one machine do not all use GPU 0; otherwise the current GPU.
@@ -21,7 +21,9 @@ _DEVICE_NAME = re.compile(r"(cpu|cuda(:\d+)?|mps|meta)")
 
 
 def check_device_name(name) -> str | None:
-    """A settings check: None for a device name torch accepts, else the complaint (no torch import)."""
+    """A settings check: None for a device name torch accepts or "" (auto), else the complaint (no torch import)."""
+    if name == "":
+        return None
     if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
         return "is not a device; use cpu, cuda or cuda:N"
     return None

@@ -296,9 +296,12 @@ def from_args(cls, args: argparse.Namespace, **fixed):
     return validate(cls(**kwargs), cli_label)
 
 
-def from_table(cls, table: dict, section: str, source: str = "", **fixed):
-    """A checked `cls` from one TOML section; every field not in the table takes its
+def from_table(cls, table: dict, section: str, source: str = "", defaults: dict | None = None, **fixed):
+    """A checked `cls` from one TOML section. `fixed`: fields the caller fills itself
+    (not keys). A key not in the table takes `defaults[key]` when given (a section
+    whose default differs from the command's, said where it is given), else its
     declared default (read from the declaration, so a changed default shows here too)."""
+    defaults = defaults or {}
     where = f"{source}: " if source else ""
     keys = {f.name: (f, tp) for f, tp in _fields(cls, "toml") if f.name not in fixed}
     for key in table:
@@ -309,6 +312,8 @@ def from_table(cls, table: dict, section: str, source: str = "", **fixed):
     for name, (f, tp) in keys.items():
         if name in table:
             kwargs[name] = coerce(table[name], tp, f"[{section}] {name}", f.metadata.get("parse"))
+        elif name in defaults:
+            kwargs[name] = defaults[name]
         else:
             default = default_of(f)
             if default is dataclasses.MISSING:
