@@ -8,6 +8,7 @@ Where each part of the paper lives:
   meddap/fid/       FID/KID with a hand-written Inception v3, and the released code's quantity
   meddap/classify/  ResNet34 / SqueezeNet1.1 / DenseNet121 training, metrics, statistics, Grad-CAM, tables
   meddap/pipeline/  the whole protocol as one command (`meddap run`, `meddap demo`)
+  meddap/pretrain/  the `tiny` base's pretraining on a captioned shapes domain (scripts/pretrain_tiny.py)
 """
 
 __version__ = "0.1.0"

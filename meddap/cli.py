@@ -1,24 +1,22 @@
-"""The `meddap` command. Each area of the package registers its own
-sub-commands; the handlers import torch and the models lazily so that
-`meddap --help` is instant.
+"""The `meddap` command: each area of the package adds its own sub-commands
+(`register` in meddap/<area>/commands.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from meddap.classify import commands as classify
+from meddap.data import commands as data
 from meddap.errors import MeddapError
+from meddap.fid import commands as fid
+from meddap.lora import commands as lora
+from meddap.models import commands as models
+from meddap.pipeline import commands as pipeline
+from meddap.sampling import commands as sampling
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from meddap.classify import commands as classify
-    from meddap.data import commands as data
-    from meddap.fid import commands as fid
-    from meddap.lora import commands as lora
-    from meddap.models import commands as models
-    from meddap.pipeline import commands as pipeline
-    from meddap.sampling import commands as sampling
-
     parser = argparse.ArgumentParser(
         prog="meddap",
         description="MEDDAP: Stable Diffusion v1.4 + USLoRA dataset enhancement (arXiv 2403.16335).")

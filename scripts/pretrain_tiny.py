@@ -1,37 +1,42 @@
-"""Pretrain the `tiny` Stable Diffusion base shipped in weights/tiny/ (issue 8).
+"""Pretrain the `tiny` Stable Diffusion base shipped in weights/tiny/.
 
     python scripts/pretrain_tiny.py --threads 1 --work runs/pretrain_tiny --out weights/tiny/tiny-sd.safetensors
 
 Trains on CPU (the shipped file: about 30 minutes on 2 shared cores); the stages
 checkpoint into --work and a re-run resumes. The seed and the default settings
-(PretrainConfig) with one thread reproduce the shipped file;
-the settings are also stored in the file's safetensors metadata. See
-meddap/pipeline/pretrain.py for the recipe.
+(PretrainConfig) with one thread reproduce the shipped file's tensors; the
+settings are also stored in the file's safetensors metadata (the shipped file's
+`pretrain_domain` names the module's earlier path, meddap.pipeline.shapes). See
+meddap/pretrain/train.py for the recipe.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
-from meddap.pipeline.pretrain import PretrainConfig, pretrain_tiny
+from meddap import settings
+from meddap.errors import MeddapError
+from meddap.pretrain.train import PretrainConfig, pretrain_tiny
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/pretrain_tiny", help="checkpoints and log.csv (resumable)")
     parser.add_argument("--out", default="weights/tiny/tiny-sd.safetensors")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    for f in dataclasses.fields(PretrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    settings.add_arguments(parser, PretrainConfig)
     args = parser.parse_args()
+    try:
+        cfg = settings.from_args(PretrainConfig, args)
+    except MeddapError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
     print(f"pretraining tiny SD with {cfg}")
     print(f"wrote {pretrain_tiny(cfg, args.work, args.out)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Loaders: BUSI masks (incl. _mask_1), grayscale, corrupt files, empty classes,
 Dataset B and ImageFolder layouts, dataset-info, bad input."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -105,3 +106,13 @@ def test_bad_input(tmp_path):
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(MeddapError, match="is not a folder"):
         resolve_images(tmp_path / "file.png")
+
+
+def test_two_images_with_one_stem_are_an_error_naming_both(tmp_path):
+    _png(tmp_path / "d" / "benign" / "a.png")
+    _png(tmp_path / "d" / "benign" / "a.jpg")
+    _png(tmp_path / "d" / "benign" / "b.png")
+    folder = tmp_path / "d" / "benign"
+    with pytest.raises(MeddapError, match=f"^class folder {re.escape(str(folder))} holds two images named 'a': "
+                                          r"a\.jpg and a\.png; keep one of them or rename the other\.$"):
+        scan_folder(tmp_path / "d")

@@ -1,6 +1,9 @@
 """Splits: stratified, deterministic, disjoint test sets, duplicates kept together;
 the perceptual hash; `meddap leakage`."""
+import argparse
+import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,8 +14,10 @@ from meddap.cli import main
 from meddap.data.datasets import resolve_images
 from meddap.data.hashing import (NEAR_DUPLICATE_HAMMING, hamming_matrix, hash_words, phash)
 from meddap.data.phantom import write_phantom
+from meddap.data import commands
 from meddap.data.splits import SplitConfig, apportion, make_split, write_split
 from meddap.errors import MeddapError
+from meddap.settings import from_table
 
 COUNTS = {"benign": 30, "malignant": 18, "normal": 12}
 
@@ -159,11 +164,51 @@ def test_leakage_command(data, manifest, tmp_path, capsys):
 def test_bad_split_input(data, tmp_path):
     with pytest.raises(MeddapError, match="leaves no training images"):
         make_split(data, SplitConfig(val=30, test=40), tmp_path, show_progress=False)
-    with pytest.raises(MeddapError, match="--folds 0"):
+    with pytest.raises(MeddapError, match="--folds = 0"):
         make_split(data, SplitConfig(folds=0), tmp_path, show_progress=False)
     with pytest.raises(MeddapError, match="does not exist"):
         make_split(tmp_path / "missing", SplitConfig(), tmp_path, show_progress=False)
 
+
+def test_split_config_checks_name_the_setting():
+    with pytest.raises(MeddapError, match=r"^--val = 0 must be at least 1\.$"):
+        make_split("unused", SplitConfig(val=0), ".", show_progress=False)
+    with pytest.raises(MeddapError, match=r"^\[data\] folds = 11 is out of range; use a value from 1 to 10\.$"):
+        from_table(SplitConfig, {"folds": 11}, "data")
+    with pytest.raises(MeddapError, match=r"^--max-hamming = -2 must be at least -1\.$"):
+        make_split("unused", SplitConfig(max_hamming=-2), ".", show_progress=False)
+
+
+def _data_command(argv):
+    """Parse `argv` with meddap.data's own sub-commands and run the handler."""
+    parser = argparse.ArgumentParser(prog="meddap")
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_split_help_shows_the_config_defaults(capsys):
+    with pytest.raises(SystemExit):
+        _data_command(["split", "--help"])
+    text = " ".join(capsys.readouterr().out.split())            # argparse wraps lines
+    for f in dataclasses.fields(SplitConfig):
+        assert f"--{f.name.replace('_', '-')} {f.name.upper()} " in text
+        assert f"{f.metadata['help']} (default: {f.default})" in text
+    assert "(default: 115)" in text and "(default: 120)" in text and "(default: 48)" in text
+
+
+def test_split_out_is_not_replaced_by_another_split_without_force(data, tmp_path, capsys):
+    out = tmp_path / "split.json"
+    flags = ["--val", "9", "--test", "10", "--folds", "2", "--quiet"]
+    assert _data_command(["split", str(data), "--out", str(out), *flags, "--seed", "0"]) == 0
+    first = out.read_bytes()
+    assert _data_command(["split", str(data), "--out", str(out), *flags, "--seed", "0"]) == 0
+    assert out.read_bytes() == first                            # the same split: rewriting is harmless
+    with pytest.raises(MeddapError, match=f"^{re.escape(str(out))} exists and holds another split; pass --force"):
+        _data_command(["split", str(data), "--out", str(out), *flags, "--seed", "1"])
+    assert out.read_bytes() == first
+    assert _data_command(["split", str(data), "--out", str(out), *flags, "--seed", "1", "--force"]) == 0
+    assert json.loads(out.read_text())["seed"] == 1
 
 
 def test_bad_split_spec(manifest):

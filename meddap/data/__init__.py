@@ -2,7 +2,7 @@
 
 - `datasets`: BUSI, Dataset B and ImageFolder layouts; `resolve_images(spec)` for
   a folder or a split part `SPLIT.json:FOLD:PART`; masks, unreadable files.
-- `phantom`, `phantom_shapes`: a simulated breast-ultrasound dataset in BUSI
+- `phantom`, `anatomy`: a simulated breast-ultrasound dataset in BUSI
   layout (tissue layers, BI-RADS lesion shapes, speckle, TGC, log compression).
 - `hashing`, `splits`: SHA-256 and perceptual-hash duplicate groups; stratified,
   leakage-safe k-fold split manifests.

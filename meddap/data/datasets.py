@@ -2,7 +2,9 @@
 
 A dataset is a folder with one sub-folder per class. BUSI keeps lesion masks
 beside the images (`benign (1)_mask.png`, `benign (1)_mask_1.png`); they are
-never images but are kept as masks of their image.
+never images but are kept as masks of their image. Since a mask names its
+image by stem, two images with one stem in a class folder (`a.png`, `a.jpg`)
+are an error.
 
 Three layouts are recognised (`detect_layout`): BUSI (classes benign,
 malignant, normal, with masks), Dataset B (the Kaggle test set: benign and
@@ -127,7 +129,15 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, *, check: bo
             raise MeddapError(f"class folder {folder} does not exist; classes found in "
                               f"{root}: {', '.join(found) or 'none'}.")
         files = sorted(p for p in folder.iterdir() if is_image_file(p))
-        images = {p.stem: p for p in files if not is_mask(p)}
+        images: dict[str, Path] = {}
+        for p in files:
+            if is_mask(p):
+                continue
+            if p.stem in images:      # masks are matched by stem, so a stem names one image
+                raise MeddapError(f"class folder {folder} holds two images named {p.stem!r}: "
+                                  f"{images[p.stem].name} and {p.name}; keep one of them or "
+                                  f"rename the other.")
+            images[p.stem] = p
         for p in files:
             m = _MASK_RE.match(p.stem)
             if m and m.group("stem") in images:

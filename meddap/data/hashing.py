@@ -5,15 +5,27 @@ re-cropped, with or without calipers; paper_facts.md, "BUSI data hygiene").
 A split must keep every copy on one side, so duplicates are grouped first.
 
 pHash (Zauner, "Implementation and Benchmarking of Perceptual Image Hash
-Functions", 2010; as the `imagehash` package's `phash(hash_size=16)`):
-    1. grayscale, resize to 64 x 64 (PIL's antialiasing bilinear filter);
+Functions", 2010), ours:
+    1. grayscale, resize to 64 x 64 (PIL's bilinear filter, which widens its
+       support when it downsamples, so it averages rather than skips pixels);
     2. black background (cells within 2 grey levels of the darkest) set to the
        mean of the rest;
-    3. 2-D DCT-II, orthonormal;
+    3. 2-D DCT-II, orthonormal (scipy.fft.dctn, norm="ortho");
     4. keep the 16 x 16 lowest frequencies (DC included);
-    5. bit = coefficient > median of those 256 coefficients.
+    5. bit = coefficient > median of those 256 coefficients; hex digits read
+       the bits row-major, most significant first.
 Two images are near duplicates when the Hamming distance of their hashes is at
 most NEAR_DUPLICATE_HAMMING.
+
+Deviation from the `imagehash` package's `phash(image, hash_size=16)` (4.3.2,
+JohannesBuchner/imagehash, commit 4e289eb): it shares the 64 x 64 size
+(hash_size x highfreq_factor 4), the 16 x 16 block with its DC term, the
+median threshold and the bit order, but it resizes with LANCZOS, has no
+step 2, and takes scipy.fftpack.dct (type II) with its default, unnormalised
+scaling along each axis. Unnormalised coefficients are 2N = 128 times ours
+except row 0 and column 0, which are 128 sqrt(2) times ours (the DC term 256
+times), so the median and the bits of the first row and column can differ.
+Our hashes are therefore not imagehash's hashes.
 
 Note: the common pHash has 64 bits (8 x 8). Ultrasound images of one device
 look alike at that resolution: among 780 distinct phantom images some pairs

@@ -1,7 +1,7 @@
 """A synthetic breast-ultrasound dataset in BUSI layout: B-mode images formed
 from a scatterer model, with lesion masks.
 
-The anatomy (tissue layers, BI-RADS lesion outlines) is in `phantom_shapes.py`;
+The anatomy (tissue layers, BI-RADS lesion outlines) is in `anatomy.py`;
 this file forms the image, in the order a scanner does:
 
 1. scatterers: complex Gaussian, one per sample, with power = echogenicity;
@@ -37,7 +37,7 @@ import scipy.fft
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from meddap.data import phantom_shapes as anatomy
+from meddap.data import anatomy
 from meddap.errors import MeddapError
 from meddap.io import write_bytes_atomic, write_json_atomic
 from meddap.progress import progress
@@ -62,7 +62,7 @@ class Geometry(Enum):
     CURVILINEAR = "curvilinear"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Probe:
     frequency_mhz: float
     geometry: Geometry
@@ -83,10 +83,14 @@ class Probe:
 
 
 PROBES = {
-    Site.A: Probe(7.5, Geometry.LINEAR, 38.0, 38.0, 0.0, 0.0, 3.0, 3.0, (-4.0, 4.0), (50.0, 65.0),
-                  0.0, False),
-    Site.B: Probe(4.5, Geometry.CURVILINEAR, 45.0, 0.0, 30.0, 20.0, 4.0, 3.5, (-1.0, 7.0),
-                  (42.0, 55.0), 20.0, True),
+    Site.A: Probe(frequency_mhz=7.5, geometry=Geometry.LINEAR, depth_mm=38.0, width_mm=38.0,
+                  apex_radius_mm=0.0, half_angle_deg=0.0, f_number=3.0, pulse_cycles=3.0,
+                  gain_db=(-4.0, 4.0), dynamic_range_db=(50.0, 65.0), rotation_deg=0.0,
+                  sharpen=False),
+    Site.B: Probe(frequency_mhz=4.5, geometry=Geometry.CURVILINEAR, depth_mm=45.0, width_mm=0.0,
+                  apex_radius_mm=30.0, half_angle_deg=20.0, f_number=4.0, pulse_cycles=3.5,
+                  gain_db=(-1.0, 7.0), dynamic_range_db=(42.0, 55.0), rotation_deg=20.0,
+                  sharpen=True),
 }
 # BUSI's class counts (paper_facts.md, Data) and Dataset B's test set.
 DEFAULT_COUNTS = {Site.A: {"benign": 437, "malignant": 210, "normal": 133},
@@ -157,7 +161,7 @@ def _solve_lesion_gain(bg: np.ndarray, les: np.ndarray, offset: np.ndarray, dr: 
 def _place_lesion(rng: np.random.Generator, malignant: bool, probe: Probe,
                   tissue: anatomy.Tissue) -> anatomy.Lesion:
     radius, edge = anatomy.lesion_outline(rng, malignant)
-    lesion = anatomy.Lesion(0.0, 0.0, radius, malignant, edge)
+    lesion = anatomy.Lesion(cx=0.0, cz=0.0, radius=radius, malignant=malignant, edge_mm=edge)
     half_w, half_h = lesion.extent
     d = probe.depth_mm
     cz_lo = max(tissue.gland_top + 0.3 * half_h, half_h + 1.5)
@@ -168,7 +172,8 @@ def _place_lesion(rng: np.random.Generator, malignant: bool, probe: Probe,
     else:
         room = (probe.apex_radius_mm + cz) * np.sin(np.deg2rad(probe.half_angle_deg))
     cx = rng.uniform(-1, 1) * max(room - half_w - 1.0, 0.0) * 0.8
-    return anatomy.Lesion(float(cx), float(cz), radius, malignant, edge)
+    return anatomy.Lesion(cx=float(cx), cz=float(cz), radius=radius, malignant=malignant,
+                         edge_mm=edge)
 
 
 def simulate(rng: np.random.Generator, label: str, probe: Probe, size: int

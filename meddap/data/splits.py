@@ -25,8 +25,10 @@ the manifest's own folder (so a project folder can be moved as a whole).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +38,29 @@ from meddap.data.hashing import NEAR_DUPLICATE_HAMMING, FileHash, duplicate_grou
 from meddap.errors import MeddapError
 from meddap.io import sha256_bytes, write_json_atomic
 from meddap.progress import progress
+from meddap.settings import as_dict, at_least, in_range, setting, validate
 
 SPLIT_FORMAT = "meddap-split/1"
 PARTS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SplitConfig:
-    val: int = 115       # paper_facts.md, Data: 545 / 115 / 120 of BUSI's 780
-    test: int = 120
-    folds: int = 5
-    seed: int = 0
-    max_hamming: int = NEAR_DUPLICATE_HAMMING
+    """The split's settings; defaults are the paper's (paper_facts.md, Data:
+    545 / 115 / 120 of BUSI's 780 images, five folds). `meddap split` derives its
+    flags from it, and the pipeline's [data] section extends it."""
+    val: int = setting(115, help="validation images per fold", check=at_least(1))
+    test: int = setting(120, help="test images per fold", check=at_least(1))
+    folds: int = setting(5, help="number of folds", check=in_range(1, 10))
+    seed: int = setting(0, help="seed of the fold assignment", check=at_least(0))
+    max_hamming: int = setting(NEAR_DUPLICATE_HAMMING, check=at_least(-1),
+                               help="pHash distance (of 256 bits) up to which images are near "
+                                    "duplicates; -1: exact copies only")
+
+    def settings(self) -> dict:
+        """The values of SplitConfig's own fields (not a subclass's), as the manifest records them."""
+        values = as_dict(self)
+        return {f.name: values[f.name] for f in dataclasses.fields(SplitConfig)}
 
 
 def hash_images(image_set: ImageSet, strict: bool = False, show_progress: bool = True
@@ -127,11 +140,7 @@ def assign_folds(group_class: list[int], sizes: list[int], n_classes: int, cfg: 
 def make_split(data: str | Path, cfg: SplitConfig, manifest_dir: str | Path = ".", *,
                strict: bool = False, show_progress: bool = True) -> dict:
     """The split manifest of the class folders in `data` (see the module doc)."""
-    if cfg.folds < 1:
-        raise MeddapError(f"--folds {cfg.folds} must be 1 or more (the paper uses 5).")
-    if cfg.test < 1 or cfg.val < 0:
-        raise MeddapError(f"--test {cfg.test} must be 1 or more and --val {cfg.val} 0 or more "
-                          f"(the paper: --val 115 --test 120).")
+    validate(cfg)
     image_set = scan_folder(data)
     hashes, kept, unreadable = hash_images(image_set, strict, show_progress)
     items = [image_set.items[i] for i in kept]
@@ -163,7 +172,7 @@ def make_split(data: str | Path, cfg: SplitConfig, manifest_dir: str | Path = ".
         "root": os.path.relpath(image_set.root, Path(manifest_dir).resolve()),
         "classes": classes,
         "seed": cfg.seed,
-        "settings": {**asdict(cfg), "phash_bits": 256},
+        "settings": {**cfg.settings(), "phash_bits": 256},
         "n_images": len(items),
         "data_sha256": sha256_bytes(fingerprint.encode("utf-8")),
         "test_sets_disjoint": disjoint,
@@ -179,8 +188,21 @@ def make_split(data: str | Path, cfg: SplitConfig, manifest_dir: str | Path = ".
 
 
 def write_split(data: str | Path, out: str | Path, cfg: SplitConfig, *, strict: bool = False,
-                show_progress: bool = True) -> dict:
-    """`make_split` written atomically to `out` (JSON)."""
-    manifest = make_split(data, cfg, Path(out).parent, strict=strict, show_progress=show_progress)
+                show_progress: bool = True, replace: bool = True) -> dict:
+    """`make_split` written atomically to `out` (JSON). With `replace=False`, an
+    existing `out` that holds another manifest is an error and stays as it is."""
+    out = Path(out)
+    manifest = make_split(data, cfg, out.parent, strict=strict, show_progress=show_progress)
+    if not replace and out.exists() and _read_json(out) != manifest:
+        raise MeddapError(f"{out} exists and holds another split; pass --force to replace it, "
+                          f"or choose another --out.")
     write_json_atomic(out, manifest)
     return manifest
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None

@@ -25,53 +25,61 @@ seed fixes the data (shapes.caption_and_image(seed, k)) and all random draws.
 """
 from __future__ import annotations
 
-import csv
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meddap.io import atomic_path
+from meddap.errors import MeddapError
+from meddap.io import save_torch_atomic, stream_seed, truncate_log
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import StableDiffusion, build_stable_diffusion, save_stable_diffusion
-from meddap.pipeline import shapes
+from meddap.pretrain import shapes
 from meddap.progress import Progress, progress
 from meddap.sampling.schedule import NoiseSchedule
+from meddap.settings import above, as_dict, at_least, in_range, multiple_of, setting, validate
+
+# Seed streams (meddap.io.stream_seed): stage 1's step s draws from stream s,
+# stage 3's from stream UNET_STREAM + s, the rule the shipped file was trained
+# with. The two ranges overlap; the stages draw different quantities from them.
+UNET_STREAM = 7
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
-    seed: int = 0
-    size: int = 64                  # demo resolution: 64 px images, 8 x 8 latents
-    vae_steps: int = 900
-    vae_batch: int = 16
-    vae_crop: int = 32              # training crop side (px); evaluation runs at `size`
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-5         # per-element KL weight (LDM uses 1e-6 beside a perceptual loss)
-    latent_images: int = 2000       # shapes encoded once for stage 3
-    unet_steps: int = 1500
-    unet_batch: int = 16
-    unet_lr: float = 1e-3
-    warmup_steps: int = 50
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 50
+    """The settings of the shipped tiny base (scripts/pretrain_tiny.py derives its flags from them)."""
+    seed: int = setting(0, help="seed of the data, the initialisation and every draw", check=at_least(0))
+    size: int = setting(64, help="image side (px); 64 px images have 8 x 8 latents",
+                        check=multiple_of(8, "the autoencoder downsamples by 8"))
+    vae_steps: int = setting(900, help="stage 1 steps", check=at_least(0))
+    vae_batch: int = setting(16, help="stage 1 images per step", check=at_least(1))
+    vae_crop: int = setting(32, help="stage 1 training crop side (px); evaluation runs at --size",
+                            check=multiple_of(8, "the autoencoder downsamples by 8"))
+    vae_lr: float = setting(1e-3, help="stage 1 learning rate", check=above(0))
+    kl_weight: float = setting(1e-5, check=at_least(0),
+                               help="per-element KL weight (LDM uses 1e-6 beside a perceptual loss)")
+    latent_images: int = setting(2000, help="shapes images encoded once for stage 3", check=at_least(1))
+    unet_steps: int = setting(1500, help="stage 3 steps", check=at_least(0))
+    unet_batch: int = setting(16, help="stage 3 latents per step", check=at_least(1))
+    unet_lr: float = setting(1e-3, help="stage 3 peak learning rate", check=above(0))
+    warmup_steps: int = setting(50, help="linear warm-up steps of both stages", check=at_least(1))
+    caption_dropout: float = setting(0.1, help="probability of the empty caption (for guidance)",
+                                     check=in_range(0.0, 1.0))
+    checkpoint_every: int = setting(50, help="steps between checkpoints in the work folder",
+                                    check=at_least(1))
 
-    def __post_init__(self):
-        if self.size % 8:
-            raise ValueError(f"size {self.size} must be a multiple of 8 (the autoencoder downsamples by 8).")
+    def cross_checks(self, label) -> None:
+        if self.vae_crop > self.size:
+            raise MeddapError(f"{label('vae_crop')} = {self.vae_crop} must be at most "
+                              f"{label('size')} = {self.size} (a crop of the image).")
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _lr(cfg: PretrainConfig, step: int, base: float) -> float:
@@ -85,23 +93,19 @@ def _lr(cfg: PretrainConfig, step: int, base: float) -> float:
 class _Log:
     """Appends (stage, step, loss, lr) rows to work/log.csv."""
 
+    HEADER = "stage,step,loss,lr\n"
+
     def __init__(self, path: Path):
         self.path = path
 
     def resume(self, stage: str, step: int) -> None:
         """Drop the rows of `stage` past `step` (logged after the checkpoint a run resumes from)."""
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            keep = [ln for ln in lines[1:] if not (ln.startswith(stage + ",") and int(ln.split(",")[1]) > step)]
-            self.path.write_text(lines[0] + "".join(keep), encoding="utf-8")
+        truncate_log(self.path, self.HEADER,
+                     keep=lambda fields: not (fields[0] == stage and int(fields[1]) > step))
 
     def row(self, stage: str, step: int, loss: float, lr: float) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["stage", "step", "loss", "lr"])
-            w.writerow([stage, step, f"{loss:.6f}", f"{lr:.3g}"])
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{stage},{step},{loss:.6f},{lr:.3g}\n")
 
 
 def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -> None:
@@ -118,7 +122,7 @@ def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -
     bar = Progress(total=cfg.vae_steps, desc="1/3 autoencoder", initial=step)
     vae.train()
     while step < cfg.vae_steps:
-        gen.manual_seed(cfg.seed * 1_000_003 + step)          # step-keyed: resume = no resume
+        gen.manual_seed(stream_seed(cfg.seed, step))          # step-keyed: resume = no resume
         _, images = shapes.batch(cfg.seed, step * cfg.vae_batch, cfg.vae_batch, cfg.size)
         x = _to_tensor(images)                                                  # (B, 3, S, S)
         i, j = torch.randint(0, cfg.size - cfg.vae_crop + 1, (2,), generator=gen).tolist()
@@ -138,7 +142,7 @@ def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -
         bar.update(1, postfix=f"mse {recon.item():.4f} kl {kl.item():.2f}")
         log.row("vae", step, recon.item(), opt.param_groups[0]["lr"])
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
-            _save_state(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+            save_torch_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
     bar.close()
     vae.eval()
 
@@ -176,7 +180,7 @@ def encode_latents(sd: StableDiffusion, cfg: PretrainConfig, work: Path) -> dict
         mean, logvar = sd.vae.encode(_to_tensor(images))
         means.append(mean), logvars.append(logvar), tokens.append(sd.text_encoder.tokenize(captions))
     data = {"mean": torch.cat(means), "logvar": torch.cat(logvars), "tokens": torch.cat(tokens)}
-    _save_state(path, data)
+    save_torch_atomic(data, path)
     return data
 
 
@@ -198,7 +202,7 @@ def train_unet(sd: StableDiffusion, cfg: PretrainConfig, data: dict, work: Path,
     bar = Progress(total=cfg.unet_steps, desc="3/3 text encoder + UNet", initial=step)
     unet.train(), text.train()
     while step < cfg.unet_steps:
-        gen.manual_seed(cfg.seed * 1_000_003 + 7 + step)
+        gen.manual_seed(stream_seed(cfg.seed, UNET_STREAM + step))
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         mean, logvar = data["mean"][idx], data["logvar"][idx]                   # (B, 4, h, w)
         z0 = SD_LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen))
@@ -221,14 +225,15 @@ def train_unet(sd: StableDiffusion, cfg: PretrainConfig, data: dict, work: Path,
         bar.update(1, postfix=f"loss {loss.item():.4f}")
         log.row("unet", step, loss.item(), lr)
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
-            _save_state(path, {"unet": unet.state_dict(), "text": text.state_dict(),
-                               "opt": opt.state_dict(), "step": step})
+            save_torch_atomic({"unet": unet.state_dict(), "text": text.state_dict(),
+                               "opt": opt.state_dict(), "step": step}, path)
     bar.close()
     unet.eval(), text.eval()
 
 
 def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Path:
     """Run stages 1-4 (each resumes from `work`) and write the fp16 checkpoint `out`."""
+    validate(cfg)
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)                      # module initialisation
@@ -239,8 +244,8 @@ def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Pat
     data = encode_latents(sd, cfg, work)
     train_unet(sd, cfg, data, work, log)
     sd = sd.to(torch.float16)
-    meta = {f"pretrain_{k}": str(v) for k, v in asdict(cfg).items()}
-    meta.update(pretrain_domain="meddap.pipeline.shapes (procedural shapes; no ultrasound)",
+    meta = {f"pretrain_{k}": str(v) for k, v in as_dict(cfg).items()}
+    meta.update(pretrain_domain=f"{shapes.__name__} (procedural shapes; no ultrasound)",
                 latent_rescale=f"{c:.6f}", latent_scale=str(SD_LATENT_SCALE))
     save_stable_diffusion(sd, out, metadata=meta)
     return out

@@ -4,13 +4,17 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
+from meddap.errors import MeddapError
+from meddap.io import stream_seed
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import build_stable_diffusion, load_stable_diffusion
-from meddap.pipeline import shapes
-from meddap.pipeline.pretrain import PretrainConfig, _to_tensor, calibrate_latent_scale, pretrain_tiny
+from meddap.pretrain import shapes
+from meddap.pretrain.train import (UNET_STREAM, PretrainConfig, _to_tensor, calibrate_latent_scale,
+                                   pretrain_tiny)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
 MEDDAP_WORDS = ("ultrasound", "tumor", "breast", "benign", "malignant", "lesion")
@@ -63,9 +67,29 @@ def test_pretrain_script_writes_a_loadable_checkpoint_and_resumes(tmp_path):
                          warmup_steps=1, checkpoint_every=1, size=32, vae_crop=16)
     out = pretrain_tiny(cfg, tmp_path / "work", tmp_path / "tiny.safetensors")
     assert load_stable_diffusion(out).config.name == "tiny"
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["pretrain_domain"] == "meddap.pretrain.shapes (procedural shapes; no ultrasound)"
     rows = (tmp_path / "work" / "log.csv").read_text().splitlines()
     assert rows[0] == "stage,step,loss,lr" and len(rows) == 1 + 2 + 2
     first = out.read_bytes()
     pretrain_tiny(cfg, tmp_path / "work", tmp_path / "again.safetensors")      # all stages done: resumed
     assert len((tmp_path / "work" / "log.csv").read_text().splitlines()) == 5
     assert (tmp_path / "again.safetensors").read_bytes() == first
+
+
+def test_seed_streams_are_the_trained_rule():
+    """The shipped file was trained with generators seeded seed * 1_000_003 + step (stage 1)
+    and seed * 1_000_003 + 7 + step (stage 3); stream_seed gives the same integers."""
+    for seed in (0, 1, 12345):
+        for step in (0, 1, 1499):
+            assert stream_seed(seed, step) == seed * 1_000_003 + step
+            assert stream_seed(seed, UNET_STREAM + step) == seed * 1_000_003 + 7 + step
+
+
+def test_pretrain_config_is_checked(tmp_path):
+    with pytest.raises(MeddapError, match=r"^--size = 36 must be a positive multiple of 8 "
+                                          r"\(the autoencoder downsamples by 8\)\.$"):
+        pretrain_tiny(PretrainConfig(size=36), tmp_path / "work", tmp_path / "x.safetensors")
+    with pytest.raises(MeddapError, match=r"^--vae-crop = 64 must be at most --size = 32 "):
+        pretrain_tiny(PretrainConfig(size=32, vae_crop=64), tmp_path / "work", tmp_path / "x.safetensors")
+    assert not (tmp_path / "work").exists()

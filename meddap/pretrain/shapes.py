@@ -6,7 +6,7 @@ naming what it shows, e.g. "a small red ellipse on a striped blue background".
 It deliberately holds no ultrasound: no speckle model, no tissue layers, no
 lesions and none of the words of the MEDDAP prompts ("ultrasound", "tumor",
 "breast", "benign", "malignant"), so USLoRA really has to adapt the base to a
-new domain (issue 8).
+new domain.
 
 Each sample is a pure function of (seed, index): `caption_and_image(seed, k)`.
 """

@@ -1,0 +1,8 @@
+"""Pretraining the `tiny` Stable Diffusion base (weights/tiny/) from scratch.
+
+    shapes.py   the captioned domain it learns: procedural shapes, no ultrasound
+    train.py    the recipe: autoencoder, latent calibration, text encoder + UNet,
+                an SD v1-layout checkpoint
+
+`scripts/pretrain_tiny.py` runs it.
+"""

@@ -1,0 +1,44 @@
+"""setup.cfg states what the code needs: the Python and numpy lower bounds, and
+scikit-learn only as a test oracle."""
+import configparser
+import re
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _options():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg", encoding="utf-8")
+    return cfg
+
+
+def _requirements(text: str) -> dict[str, tuple[int, ...]]:
+    """'numpy>=2.0' lines -> {'numpy': (2, 0)}."""
+    out = {}
+    for line in filter(None, (ln.strip() for ln in text.splitlines())):
+        name, low = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", line).groups()
+        out[name] = tuple(int(x) for x in low.split("."))
+    return out
+
+
+def test_python_bound_allows_tomllib():
+    low = re.fullmatch(r">=(\d+)\.(\d+)", _options()["options"]["python_requires"]).groups()
+    assert tuple(map(int, low)) >= (3, 11)             # tomllib is new in Python 3.11
+
+
+def test_numpy_bound_has_bitwise_count():
+    reqs = _requirements(_options()["options"]["install_requires"])
+    assert reqs["numpy"] >= (2, 0)                     # np.bitwise_count is new in numpy 2.0
+    assert hasattr(np, "bitwise_count")
+
+
+def test_scikit_learn_is_a_test_oracle_only():
+    cfg = _options()
+    assert "scikit-learn" not in _requirements(cfg["options"]["install_requires"])
+    assert "scikit-learn" in _requirements(cfg["options.extras_require"]["test"])
+    importers = [p for p in (ROOT / "meddap").rglob("*.py")
+                 if re.search(r"^\s*(import|from)\s+sklearn\b", p.read_text(encoding="utf-8"), re.M)]
+    assert importers == []
