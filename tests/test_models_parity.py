@@ -1,4 +1,4 @@
-"""Parity with diffusers on the same random weights (issue 2: relative error <= 1e-4 in float32).
+"""Parity with diffusers on the same random weights: relative error <= 1e-4 in float32.
 
 The diffusers models are built from OUR state dicts by diffusers' own
 single-file conversion (tests/oracles.py), so these tests check both the
@@ -18,7 +18,7 @@ from meddap.models.unet import UNetModel
 from meddap.models.vae import AutoencoderKL
 from oracles import diffusers_unet_from_ours, diffusers_vae_from_ours, perturb_vectors_, relative_error
 
-TOLERANCE = 1e-4  # issue 2, "Done means"
+TOLERANCE = 1e-4  # the port's acceptance bound: relative error in float32
 
 
 def _pair(build, oracle, cfg, seed):

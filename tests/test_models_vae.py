@@ -1,12 +1,16 @@
-"""KL autoencoder: checkpoint names, posterior (clamp, reparameterisation), sizes, dtypes."""
+"""KL autoencoder: checkpoint names, posterior (clamp, reparameterisation), sizes, dtypes, sliced decoding."""
 import copy
 import json
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from meddap.errors import MeddapError
 from meddap.models.config import SD_LATENT_SCALE, SD_V1_4, TINY
-from meddap.models.vae import LOGVAR_MAX, LOGVAR_MIN, AutoencoderKL, sample_posterior
+from meddap.models.vae import LOGVAR_MAX, LOGVAR_MIN, AutoencoderKL, Downsample, decode_peak_bytes, sample_posterior
 from oracles import VAE_PREFIX, perturb_vectors_, relative_error
 
 SD_V1_VAE_PARAMETERS = 83_653_863  # reference/README.md
@@ -102,3 +106,76 @@ def test_half_precision_agrees_with_float32(tiny_vae, dtype, tolerance):
     assert relative_error(mean_h, mean) < tolerance
     assert relative_error(logvar_h, logvar) < tolerance
     assert relative_error(decoded_h, decoded) < tolerance
+
+
+@pytest.mark.parametrize("h, expected", [(8, 4), (7, 3), (6, 3), (5, 2), (2, 1)])
+def test_downsample_floors_odd_sizes(h, expected):
+    # Pad (0, 1, 0, 1), then a 3x3 stride-2 convolution: (h + 1 - 3) // 2 + 1 = h // 2.
+    with torch.no_grad():
+        y = Downsample(4)(torch.zeros(1, 4, h, h + 1))
+    assert y.shape == (1, 4, expected, (h + 1) // 2)
+
+
+def test_sliced_decoding_is_bitwise_decoding_each_slice(tiny_vae):
+    z = torch.randn(4, 4, 5, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = tiny_vae.decoder(tiny_vae.post_quant_conv(z))
+        one_by_one = torch.cat([tiny_vae.decode(z[i:i + 1]) for i in range(4)])
+        assert torch.equal(tiny_vae.decode(z), whole)        # the CPU default: one batched call, as before
+        assert torch.equal(tiny_vae.decode(z, slice_size=4), whole)
+        assert torch.equal(tiny_vae.decode(z, slice_size=1), one_by_one)
+        assert torch.equal(tiny_vae.decode(z, slice_size=3),
+                           torch.cat([tiny_vae.decode(z[:3]), tiny_vae.decode(z[3:])]))
+        # Against whole-batch decoding only up to rounding: kernels may differ by batch size.
+        torch.testing.assert_close(one_by_one, whole, rtol=1e-5, atol=1e-5)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(MeddapError, match=rf"AutoencoderKL.decode: slice_size = {bad!r}; expected a whole "
+                                              r"number of images per slice, at least 1, or None"):
+            tiny_vae.decode(z, slice_size=bad)
+
+
+def test_decode_peak_bytes_counts_the_first_full_resolution_resnet_block():
+    # SD v1: c = 128 * max(1, 2) = 256 channels at 512 x 512 pixels.
+    assert decode_peak_bytes(SD_V1_4.vae, 512, 512, torch.float32) == 256 * 512 * 512 * 3 * 4 == 805_306_368
+    assert decode_peak_bytes(SD_V1_4.vae, 512, 512, torch.float16) == 256 * 512 * 512 * 10 == 671_088_640
+    assert decode_peak_bytes(SD_V1_4.vae, 512, 512, torch.bfloat16) == 671_088_640
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the operator outputs alive at once (each storage counted once), and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _release(self, ptr):
+        refs, nbytes = self.live.pop(ptr)
+        if refs > 1:
+            self.live[ptr] = (refs - 1, nbytes)
+        else:
+            self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                refs, nbytes = self.live.get(storage.data_ptr(), (0, storage.nbytes()))
+                self.live[storage.data_ptr()] = (refs + 1, nbytes)
+                if refs == 0:
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                weakref.finalize(t, self._release, storage.data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_peak_bytes_is_the_measured_peak_of_live_activations(tiny_vae, dtype):
+    vae = copy.deepcopy(tiny_vae).to(dtype)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    counter = _LiveBytes()
+    with torch.no_grad(), counter:
+        vae.decode(z)
+    estimate = decode_peak_bytes(TINY.vae, 128, 128, dtype)
+    # Beyond the estimate: only GroupNorm's per-group mean and 1/std (a few kB).
+    assert estimate <= counter.peak <= estimate * 1.001

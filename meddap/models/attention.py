@@ -41,6 +41,10 @@ class GroupNorm32(nn.GroupNorm):
     bf16 the input, weight and bias are upcast, as CompVis' GroupNorm32 does
     for the UNet; the output has the input's dtype. In float32 this is exactly
     `nn.GroupNorm`.
+
+    Memory: in fp16 and bf16 this makes two full-size float32 temporaries,
+    x.float() and the float32 result, 4 bytes per value each beside the
+    2-byte input and output (see `meddap.models.vae.decode_peak_bytes`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ class UNetConfig:
     num_heads: int = 8          # fixed head count; head width = channels / 8
     transformer_depth: int = 1
     context_dim: int = 768      # width of the text encoder's hidden states
-    norm_groups: int = 32       # GroupNorm(32, C) everywhere, eps 1e-5
+    norm_groups: int = 32       # GroupNorm(32, C) everywhere: eps 1e-5, 1e-6 in the SpatialTransformers
 
 
 @dataclass(frozen=True)

@@ -97,14 +97,15 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(B, 77) int64 ids on CPU; move them with `.to(device)`."""
+        """(B, 77) int64 ids on the CPU; `forward` moves them to the weights' device."""
         return tokenize(texts, self.config.context_length)
 
     def tokenize_with_dropped(self, texts: list[str]) -> tuple[torch.Tensor, list[str]]:
         return tokenize_with_dropped(texts, self.config.context_length)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, L) int64, L <= 77 -> (B, L, width) in the weights' dtype."""
+        """tokens: (B, L) int64 on any device, L <= 77 -> (B, L, width) in the weights' dtype and on their device."""
+        tokens = tokens.to(self.token_embedding.weight.device)   # no copy when they are there already
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]   # (B, L, D)
         # Additive causal mask (L, L): 0 on and below the diagonal, -inf above.
@@ -117,7 +118,10 @@ class TextEncoder(nn.Module):
 # Keys are relative to `cond_stage_model.transformer.text_model.` (HF) and to
 # the TextEncoder (ours). Per layer i, HF's separate q/k/v projections are
 # stacked into open_clip's fused in_proj: in_proj_weight = cat(q, k, v) on dim 0.
-_RENAMES = [  # (HF, ours), applied to whole name components
+# Each (HF, ours) pair is a plain substring replacement (`str.replace`), applied
+# in list order, not a match of whole dotted components; the dots that start
+# and end most patterns keep them from matching inside a longer name.
+_RENAMES = [  # (HF, ours)
     ("embeddings.token_embedding.weight", "token_embedding.weight"),
     ("embeddings.position_embedding.weight", "positional_embedding"),
     ("final_layer_norm.", "ln_final."),

@@ -56,8 +56,8 @@ RESBLOCK_NORM_EPS = 1e-5
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
     """[cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i/half), i < half = dim // 2.
 
-    t: (B,) integer or float timesteps -> (B, dim) float32; odd dim is padded
-    with one zero column, as in CompVis.
+    t: (B,) integer or float timesteps -> (B, dim) float32 on t's device; odd
+    dim is padded with one zero column, as in CompVis.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period)
@@ -70,7 +70,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = TIMESTEP_MAX
 
 
 class ResBlock(nn.Module):
-    """h = x + F(x, emb), F = conv(SiLU(GN(conv(SiLU(GN(x))) + W emb)))."""
+    """skip(x) + out_layers(in_layers(x) + emb_layers(emb)), CompVis' ResBlock with its layer names:
+
+    in_layers(x)     = conv3x3(SiLU(GN(x)))
+    emb_layers(emb)  = W SiLU(emb) + b, one value per channel, broadcast over the pixels
+    out_layers(h)    = conv3x3(SiLU(GN(h)))   (an Identity where CompVis has Dropout(p=0))
+    skip             = identity, or the 1x1 conv `skip_connection` when the channel count changes
+    """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -250,8 +256,10 @@ class TimestepEmbedSequential(nn.ModuleList):
 class UNetModel(nn.Module):
     """eps_theta(x, t, context): x (B, in, h, w), t (B,) int64, context (B, L, C_ctx) -> (B, out, h, w).
 
-    The model runs in its parameters' dtype; x and context must have it too.
-    Any h and w work (see `Upsample`). A 0-d t is used for every batch row.
+    The model runs in its parameters' dtype and on their device; x and
+    context must have both. t may sit on any device (a CPU tensor from a
+    Python loop, say): it is moved to the parameters' device. A 0-d t is
+    used for every batch row. Any h and w work (see `Upsample`).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -333,6 +341,7 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, 4, h, w), t: (B,) or (), context: (B, 77, C_ctx)
+        t = t.to(self.time_embed[0].weight.device)           # no copy when t is there already
         if t.ndim == 0:
             t = t.expand(x.shape[0])                          # (B,)
         self._check_inputs(x, t, context)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meddap.errors import MeddapError
 from meddap.models.attention import GroupNorm32, multi_head_attention
 from meddap.models.config import VAEConfig
 
@@ -39,6 +40,12 @@ VAE_NORM_EPS = 1e-6
 # Bounds of the posterior's log-variance: CompVis DiagonalGaussianDistribution
 # `torch.clamp(self.logvar, -30.0, 20.0)` (distributions.py, commit 21f890f).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+# Share of the free CUDA memory that automatic slice decoding plans to fill
+# with the activations counted by `decode_peak_bytes`. The other half is a
+# margin, not a measurement: convolution workspaces, the caching allocator's
+# rounding, and whatever else runs on the device meanwhile.
+DECODE_MEMORY_FRACTION = 0.5
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor,
@@ -59,7 +66,8 @@ def _norm(channels: int, groups: int) -> GroupNorm32:
 
 
 class ResnetBlock(nn.Module):
-    """x + conv2(SiLU(GN(conv1(SiLU(GN(x)))))) with a 1x1 `nin_shortcut` when channels change."""
+    """shortcut(x) + conv2(SiLU(GN(conv1(SiLU(GN(x)))))), shortcut = identity, or the 1x1 conv
+    `nin_shortcut` when the channel count changes."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -97,7 +105,11 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Pad right and bottom by one, then 3x3 conv with stride 2 and no padding: H -> floor((H - 1) / 2) + 1."""
+    """Pad right and bottom by one, then 3x3 conv with stride 2 and no padding: H -> floor(H / 2).
+
+    (H + 1 - 3) // 2 + 1 = H // 2: an even H halves, an odd H drops its last
+    row (7 -> 3). The UNet's Downsample rounds up instead (7 -> 4).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
@@ -208,6 +220,26 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def decode_peak_bytes(cfg: VAEConfig, height: int, width: int, dtype: torch.dtype) -> int:
+    """Bytes of the largest set of live activations while decoding ONE height x width image (no autograd).
+
+    Counted along `Decoder.forward`: the largest set lives in the first
+    full-resolution ResnetBlock, `up.0.block.0`, whose input x has
+    c = ch * max(ch_mult[0], ch_mult[1]) channels at P = height * width
+    pixels (c = 256 for SD v1). At its first norm and SiLU:
+      float32:    x, GN(x), SiLU(GN(x))                       3 c P values x 4 bytes
+      fp16, bf16: x, then GroupNorm32's float32 copy x.float()
+                  and float32 result beside it                c P x (2 + 4 + 4) bytes
+    The other layers hold less: the upsampler before it 2.25 c P values
+    (input, resized, convolved), the convolutions (2 c + ch * ch_mult[0]) P.
+    SD v1 at 512 x 512: 805 MB in float32, 671 MB in float16 per image.
+    Weights, convolution workspaces and allocator rounding are not included.
+    """
+    c = cfg.ch * max(cfg.ch_mult[:2])
+    bytes_per_value = 3 * 4 if dtype == torch.float32 else dtype.itemsize + 4 + 4
+    return c * height * width * bytes_per_value
+
+
 class AutoencoderKL(nn.Module):
     """E: x in [-1, 1] -> q(z | x) = N(mean, diag(exp(logvar))); D: z -> x (CompVis `AutoencoderKL`).
 
@@ -230,9 +262,45 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)            # 2 x (B, embed_dim, H/8, W/8)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled z (B, embed_dim, h, w) -> x (B, 3, 8h, 8w), about in [-1, 1] (not clipped)."""
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z: torch.Tensor, slice_size: int | None = None) -> torch.Tensor:
+        """Unscaled z (B, embed_dim, h, w) -> x (B, 3, 8h, 8w), about in [-1, 1] (not clipped).
+
+        The batch is decoded `slice_size` images at a time and concatenated;
+        None lets `decode_slice_size` choose by memory (the whole batch on the
+        CPU). The result is bitwise the concatenation of decoding each slice
+        as a batch of its own, so slice_size=1 is bitwise one-by-one decoding.
+        It is NOT bitwise whole-batch decoding in general: a backend may pick
+        a different convolution kernel for another batch size (on the CPU the
+        two agree to about 1e-5, not bitwise).
+        """
+        if slice_size is None:
+            slice_size = self.decode_slice_size(z)
+        if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+            raise MeddapError(f"AutoencoderKL.decode: slice_size = {slice_size!r}; expected a whole number of "
+                              "images per slice, at least 1, or None to choose it by memory.")
+        if slice_size >= z.shape[0]:
+            return self.decoder(self.post_quant_conv(z))
+        return torch.cat([self.decoder(self.post_quant_conv(part))       # (s, 3, 8h, 8w) each
+                          for part in z.split(slice_size)])              # (B, 3, 8h, 8w)
+
+    def decode_slice_size(self, z: torch.Tensor) -> int:
+        """Images per decoding slice for latents z (B, embed_dim, h, w).
+
+        CPU (and any non-CUDA device): the whole batch, B, so CPU results are
+        those of one batched call. CUDA: as many images as fit into
+        DECODE_MEMORY_FRACTION of the memory free to this process, i.e. the
+        driver's free memory plus what PyTorch's caching allocator holds
+        unused, at `decode_peak_bytes` per image; at least 1, at most B.
+        """
+        B, _, h, w = z.shape
+        if z.device.type != "cuda":
+            return B
+        factor = 2 ** (len(self.config.ch_mult) - 1)   # 8 for SD v1
+        driver_free, _ = torch.cuda.mem_get_info(z.device)
+        cached_free = torch.cuda.memory_reserved(z.device) - torch.cuda.memory_allocated(z.device)
+        per_image = decode_peak_bytes(self.config, factor * h, factor * w, z.dtype)
+        fits = int(DECODE_MEMORY_FRACTION * (driver_free + cached_free)) // per_image
+        return max(1, min(B, fits))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstruction D(z), z ~ q(z | x)."""
