@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meddap.classify.gradcam import TARGET_LAYERS, GradCAM, jet, overlay, panel
+from meddap.classify.gradcam import GradCAM, jet, overlay, panel
 from meddap.classify.networks import Arch, build_network
 
 
@@ -37,7 +37,7 @@ def test_hooks_equal_explicit_gradcam(arch):
     ref = F.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
     ref = ref / ref.flatten(1).amax(1)[:, None, None]
 
-    cam_engine = GradCAM(net, TARGET_LAYERS[arch])
+    cam_engine = GradCAM(net, arch.spec.gradcam_layer)
     cams, hooked_logits = cam_engine(x)                                         # predicted class
     assert cams.shape == (2, 64, 64)
     assert float(cams.min()) >= 0.0 and float(cams.amax()) == pytest.approx(1.0)

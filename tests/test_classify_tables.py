@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 
-from meddap.classify.tables import build_tables, load_cells
+from meddap.classify.cells import load_cells
+from meddap.classify.tables import build_tables
 from meddap.cli import main
 from meddap.errors import MeddapError
 
@@ -74,3 +75,17 @@ def test_tables_bad_input(tmp_path):
         load_cells(tmp_path)
     with pytest.raises(MeddapError, match="--metric 'auc'"):
         build_tables(load_cells(FIXTURE), metric="auc")
+
+
+def test_tables_without_cells_is_a_sentence(tmp_path, capsys):
+    assert main(["tables", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err == (
+        f"meddap tables: error: results folder {tmp_path} has no cells/ folder; expected "
+        f"cells/<network>/<condition>/fold<k>.json files.\n")
+    (tmp_path / "cells").mkdir()                       # e.g. a run with no networks
+    assert main(["tables", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err == (
+        f"meddap tables: error: results folder {tmp_path} holds no complete cells; expected "
+        f"cells/<network>/<condition>/fold<k>.json files written by `meddap run` (a run with "
+        f"no networks has none).\n")
+    assert not (tmp_path / "t").exists()

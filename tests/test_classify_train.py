@@ -1,8 +1,10 @@
 """Classifier training end to end on tiny phantom-like images: every
 architecture trains and is scored; conditions share initial weights; a
 killed run resumes to the bit-identical result; bad input is refused."""
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +12,16 @@ import torch
 from PIL import Image
 
 from meddap.classify import train as train_mod
+from meddap.classify.cells import CellSpec, cell_path, run_cell
 from meddap.classify.evaluate import evaluate
-from meddap.classify.networks import (IMAGENET_FILES, Arch, build_network, load_imagenet_body,
-                                      make_initial_state, read_imagenet_state, state_sha256)
-from meddap.classify.tables import CellSpec, cell_path, run_cell
+from meddap.classify.networks import (ARCHITECTURES, IMAGENET_FILES, Arch, build_network,
+                                      load_imagenet_body, make_initial_state, read_imagenet_state,
+                                      state_sha256)
 from meddap.classify.train import TrainConfig, train_classifier
 from meddap.cli import main
+from meddap.data.datasets import resolve_images
 from meddap.errors import MeddapError
+from meddap.io import dataset_sha256, stream_seed
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -48,7 +53,7 @@ def data(tmp_path_factory):
 
 def _cfg(data, out, arch=Arch.SQUEEZENET1_1, **kw):
     base = dict(arch=arch, train=(str(data["train"]),), val=str(data["val"]), out=out, epochs=1,
-                batch_size=4, size=32, weights_dir=None, show_progress=False)
+                batch_size=4, size=32, weights_dir=out / "no-weights", show_progress=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -87,6 +92,7 @@ def test_conditions_start_from_identical_weights(data, tmp_path):
     b = run_cell(synth, cell_path(tmp_path / "res", Arch.SQUEEZENET1_1, synth.condition, 0))
     assert a["train"]["init"]["init_sha256"] == b["train"]["init"]["init_sha256"]
     assert a["train"]["train_manifest_sha256"] != b["train"]["train_manifest_sha256"]
+    assert a["train"]["train_manifest_sha256"] == dataset_sha256(resolve_images(str(data["train"])).items)
     assert (a["train"]["n_train"], b["train"]["n_train"]) == (12, 18)
     assert a["n_train_real"] == b["n_train_real"] == 12
     # the shared file holds exactly the seeded initial state, whatever the global RNG did
@@ -108,7 +114,7 @@ def test_conditions_start_from_identical_weights(data, tmp_path):
 def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
     straight = train_classifier(_cfg(data, tmp_path / "straight", epochs=2))
     # a kill while writing the checkpoint of epoch 2
-    real_save = train_mod._save_torch
+    real_save = train_mod.save_torch_atomic
     calls = {"n": 0}
 
     def dying_save(obj, path):
@@ -118,10 +124,10 @@ def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
                 raise KeyboardInterrupt
         real_save(obj, path)
 
-    monkeypatch.setattr(train_mod, "_save_torch", dying_save)
+    monkeypatch.setattr(train_mod, "save_torch_atomic", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train_classifier(_cfg(data, tmp_path / "resumed", epochs=2))
-    monkeypatch.setattr(train_mod, "_save_torch", real_save)
+    monkeypatch.setattr(train_mod, "save_torch_atomic", real_save)
     assert torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)["epoch"] == 1
     resumed = train_classifier(_cfg(data, tmp_path / "resumed", epochs=2))
     s1 = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
@@ -155,16 +161,90 @@ def test_unknown_architecture(data, tmp_path, capsys):
                  "--val", str(data["val"]), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown architecture 'vgg16'" in err and "squeezenet1.1" in err
+    # the choices named are the architecture table's, in its order
+    assert [a.value for a in Arch] == list(ARCHITECTURES) == ["resnet34", "squeezenet1.1", "densenet121"]
+    assert ("unknown architecture 'vgg16'; accepted: resnet34, squeezenet1.1, densenet121.\n"
+            in err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_architecture_table_drives_cli_help_and_gradcam(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["classify", "train", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "network: resnet34, squeezenet1.1, densenet121" in text
+    for arch in Arch:                       # head keys and Grad-CAM layers exist in the network
+        net = build_network(arch, 3)
+        names = dict(net.named_modules())
+        assert arch.spec.gradcam_layer in names
+        params = dict(net.named_parameters())
+        assert [tuple(params[k].shape)[0] for k in arch.spec.head_keys] == [3, 3]
+        assert arch.spec.imagenet_file.startswith(arch.value.replace(".", "_") + "-")
+        assert len(arch.spec.hash_prefix) == 8 and int(arch.spec.hash_prefix, 16) >= 0
+
+
+def test_train_help_shows_the_config_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["classify", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # the authors' defaults (evaluate_new.py), and auto device (meddap.device's rule)
+    expected = {"epochs": 100, "batch_size": 32, "lr": 0.001, "seed": 0, "size": 224,
+                "device": None, "init": None, "weights_dir": Path("weights")}
+    shown = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.metadata["cli"] and f.default is not dataclasses.MISSING}
+    assert shown == expected
+    for name, default in expected.items():
+        flag = "--" + name.replace("_", "-")
+        help_of_flag = r" [A-Z_]+ (?:(?! --).)*?"              # up to the next flag
+        assert re.search(re.escape(flag) + help_of_flag + re.escape(f"(default: {default})"), text), flag
+    for flag in ("--arch ARCH", "--train TRAIN", "--val VAL", "--out OUT", "--quiet"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs = 0 must be at least 1."),
+    (["--size", "16"], "--size = 16 must be at least 32."),
+    (["--lr", "0"], "--lr = 0 must be a finite number above 0."),
+    (["--device", "gpu"], "--device = 'gpu' is not a device; use cpu, cuda or cuda:N."),
+])
+def test_train_flags_are_checked_before_any_work(data, tmp_path, capsys, flags, message):
+    assert main(["classify", "train", "--arch", "resnet34", "--train", str(data["train"]),
+                 "--val", str(data["val"]), "--out", str(tmp_path / "o"), *flags]) == 2
+    assert capsys.readouterr().err == f"meddap classify: error: {message}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_class_folder_is_refused(data, tmp_path):
+    train = _phantoms(tmp_path / "train", 2, 6, classes=("benign", "malignant"))
+    (train / "normal").mkdir()
+    with pytest.raises(MeddapError) as err:
+        train_classifier(_cfg(data, tmp_path / "o", train=(str(data["train"]), str(train)),
+                              batch_size=2))
+    assert str(err.value) == (f"class 'normal' of {train} has no images ({train.resolve() / 'normal'}); "
+                              f"every class folder needs at least one PNG/JPEG/BMP/TIFF image.")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stream_seed_gives_the_old_shuffle_seeds():
+    """Epoch e used to shuffle with seed * 1_000_003 + e; stream_seed(seed, e) is that number
+    for every seed below 2^63 / 1_000_003 (about 9.2e12), so old runs resume identically."""
+    for seed in (0, 1, 7, 42, 123, 2 ** 31 - 1, 2 ** 32, 9_000_000_000_000):
+        for epoch in (0, 1, 2, 99, 100, 999):
+            assert stream_seed(seed, epoch) == seed * 1_000_003 + epoch
+            old = torch.randperm(50, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            new = torch.randperm(50, generator=torch.Generator().manual_seed(stream_seed(seed, epoch)))
+            assert torch.equal(old, new)
 
 
 def test_corrupt_weight_file(data, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
-    (weights / IMAGENET_FILES[Arch.SQUEEZENET1_1]).write_bytes(b"not a checkpoint" * 10)
+    (weights / Arch.SQUEEZENET1_1.spec.imagenet_file).write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(MeddapError, match="corrupt or not torchvision's file"):
         train_classifier(_cfg(data, tmp_path / "o", weights_dir=weights))
     with pytest.raises(MeddapError, match="not a readable torch checkpoint"):
-        read_imagenet_state(Arch.SQUEEZENET1_1, weights / IMAGENET_FILES[Arch.SQUEEZENET1_1],
+        read_imagenet_state(Arch.SQUEEZENET1_1, weights / Arch.SQUEEZENET1_1.spec.imagenet_file,
                             check_hash=False)
 
 
@@ -178,7 +258,9 @@ def test_imagenet_file_used_when_present(tmp_path, monkeypatch):
     from meddap.io import sha256_file
     name = f"squeezenet1_1-{sha256_file(path)[:8]}.pth"
     path.rename(tmp_path / name)
-    monkeypatch.setitem(IMAGENET_FILES, Arch.SQUEEZENET1_1, name)
+    monkeypatch.setitem(ARCHITECTURES, "squeezenet1.1",
+                        dataclasses.replace(ARCHITECTURES["squeezenet1.1"], imagenet_file=name))
+    monkeypatch.setitem(IMAGENET_FILES, Arch.SQUEEZENET1_1, name)     # read_imagenet_state's copy
     init = make_initial_state(Arch.SQUEEZENET1_1, list(CLASSES), 0, tmp_path)
     random = make_initial_state(Arch.SQUEEZENET1_1, list(CLASSES), 0, None)
     assert init.imagenet_init and init.weights_file == name and not random.imagenet_init

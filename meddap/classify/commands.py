@@ -6,35 +6,27 @@ import argparse
 import json
 from pathlib import Path
 
+from meddap.device import DEVICE_HELP
+
 
 def register(subparsers) -> None:
     """Add this area's sub-commands to the `meddap` parser."""
+    from meddap.classify.networks import Arch
+    from meddap.classify.train import TrainConfig
+    from meddap.settings import add_arguments
+
     p = subparsers.add_parser("classify", help="downstream classifiers: train, eval, gradcam")
     sub = p.add_subparsers(dest="classify_command", required=True, metavar="ACTION")
 
-    t = sub.add_parser("train", help="train ResNet34 / SqueezeNet1.1 / DenseNet121 (authors' defaults)")
-    t.add_argument("--arch", required=True, help="resnet34, squeezenet1.1 or densenet121")
-    t.add_argument("--train", required=True, action="append",
-                   help="class folder or SPLIT.json:FOLD:PART; repeat to pool (real + synthetic)")
-    t.add_argument("--val", required=True, help="class folder or SPLIT.json:FOLD:PART")
-    t.add_argument("--out", required=True, type=Path, help="output folder (resumed if it holds a run)")
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=32, help="drop_last, as released")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--size", type=int, default=224, help="square input size in pixels")
-    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    t.add_argument("--init", type=Path, default=None,
-                   help="shared initial weights file (made if absent); default OUT/init.pt")
-    t.add_argument("--weights-dir", type=Path, default=Path("weights"),
-                   help="folder with torchvision's ImageNet files (random init without them)")
+    t = sub.add_parser("train", help=f"train {' / '.join(a.value for a in Arch)} (authors' defaults)")
+    add_arguments(t, TrainConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="score a trained classifier on a labelled dataset")
     e.add_argument("--model", required=True, help="training output folder or its best.pt")
     e.add_argument("--data", required=True, help="class folder or SPLIT.json:FOLD:PART")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default=None, help=DEVICE_HELP)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -50,7 +42,7 @@ def register(subparsers) -> None:
     g.add_argument("--target", default="predicted", choices=["predicted", "true"],
                    help="explain the predicted class or the true class")
     g.add_argument("--limit", type=int, default=None, help="at most this many images")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default=None, help=DEVICE_HELP)
     g.set_defaults(func=_gradcam)
 
     tb = subparsers.add_parser("tables", help="Tables 1-3 and Fig. 1a from a results folder")
@@ -62,19 +54,12 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from meddap.classify.networks import parse_arch
     from meddap.classify.train import TrainConfig, train_classifier
-    from meddap.errors import MeddapError
-    if args.epochs < 1 or args.batch_size < 1 or args.size < 32:
-        raise MeddapError(f"--epochs ({args.epochs}) and --batch-size ({args.batch_size}) must be "
-                          f"at least 1 and --size ({args.size}) at least 32.")
-    cfg = TrainConfig(arch=parse_arch(args.arch), train=tuple(args.train), val=args.val,
-                      out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, size=args.size, device=args.device, init=args.init,
-                      weights_dir=args.weights_dir, show_progress=not args.quiet)
+    from meddap.settings import from_args
+    cfg = from_args(TrainConfig, args, show_progress=not args.quiet)
     s = train_classifier(cfg)
     print(f"best validation accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}; "
-          f"{s['init_description']}; weights in {args.out / 'best.pt'}")
+          f"{s['init_description']}; weights in {cfg.out / 'best.pt'}")
     return 0
 
 

@@ -28,6 +28,7 @@ from meddap.classify.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics
 from meddap.classify.networks import build_network, parse_arch
 from meddap.classify.train import predict, to_tensor_set
 from meddap.data.datasets import resolve_images
+from meddap.device import resolve_device
 from meddap.errors import MeddapError
 from meddap.io import sha256_file
 
@@ -65,10 +66,11 @@ def load_classifier(model: str | Path, device: str | torch.device = "cpu"
     return net, meta
 
 
-def evaluate(model: str | Path, data: str, device: str = "cpu", batch_size: int = 64,
+def evaluate(model: str | Path, data: str, device: str | None = None, batch_size: int = 64,
              n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics of the classifier `model` on `data` (folder or SPLIT.json:FOLD:PART)."""
-    device = torch.device(device)
+    """Metrics of the classifier `model` on `data` (folder or SPLIT.json:FOLD:PART);
+    `device` follows meddap.device's rule (None: this process's GPU if any, else cpu)."""
+    device = resolve_device(device)
     net, meta = load_classifier(model, device)
     model_classes = list(meta["classes"])
     image_set = resolve_images(data)

@@ -11,11 +11,9 @@ L^c (h, w) is upsampled bilinearly to the input's (H, W) and divided by its
 maximum, so maps lie in [0, 1] (an all-zero map stays zero).
 
 The feature maps are caught by a forward hook on the last convolutional
-stage, their gradient by a tensor hook registered in that forward hook:
-
-    resnet34       layer4     (B, 512, H/32, W/32)
-    squeezenet1.1  features   (B, 512, ~H/16, ~W/16), the last Fire module's concat
-    densenet121    features   (B, 1024, H/32, W/32), norm5's output
+stage (the network's `gradcam_layer` in networks.ARCHITECTURES, where A's
+shape is listed), their gradient by a tensor hook registered in that forward
+hook.
 
 Patch for DenseNet: torchvision's DenseNet.forward runs
 `F.relu(features, inplace=True)` on the output of `features`, which would
@@ -34,13 +32,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from meddap.classify.networks import Arch
-
-TARGET_LAYERS: dict[Arch, str] = {
-    Arch.RESNET34: "layer4",
-    Arch.SQUEEZENET1_1: "features",
-    Arch.DENSENET121: "features",
-}
 OVERLAY_ALPHA = 0.45   # weight of the heat map in the blend with the image
 
 
@@ -51,7 +42,7 @@ class CamTarget(Enum):
 
 
 class GradCAM:
-    """`cams, logits = GradCAM(model, TARGET_LAYERS[arch])(x, classes)`;
+    """`cams, logits = GradCAM(model, arch.spec.gradcam_layer)(x, classes)`;
     x (B, 3, H, W) normalised input, classes (B,) int64 or None for the
     predicted class; cams (B, H, W) float32 in [0, 1]. `layer` is the path of
     the module whose output is A. The model must be in eval mode."""
@@ -126,10 +117,11 @@ def panel(image: np.ndarray, maps: list[tuple[str, np.ndarray]]) -> Image.Image:
 
 
 def write_gradcam_panels(models: list[str], images: str, out, target: str = "predicted",
-                         limit: int | None = None, device: str = "cpu") -> int:
+                         limit: int | None = None, device: str | None = None) -> int:
     """For each image of `images` (folder or SPLIT.json:FOLD:PART) write
     out/<class>_<stem>.png: the image and one Grad-CAM overlay per model, each
-    captioned with the network and its predicted class. Returns the count."""
+    captioned with the network and its predicted class. `device` follows
+    meddap.device's rule (None: this process's GPU if any, else cpu). Returns the count."""
     from pathlib import Path
 
     from PIL.PngImagePlugin import PngInfo
@@ -138,11 +130,12 @@ def write_gradcam_panels(models: list[str], images: str, out, target: str = "pre
     from meddap.classify.networks import parse_arch
     from meddap.classify.train import normalise, to_tensor_set
     from meddap.data.datasets import ImageSet, resolve_images
+    from meddap.device import resolve_device
     from meddap.errors import MeddapError
     from meddap.io import atomic_path
 
     mode = CamTarget(target)
-    device = torch.device(device)
+    device = resolve_device(device)
     image_set = resolve_images(images)
     items = image_set.items[:limit] if limit is not None else image_set.items
     image_set = ImageSet(image_set.root, image_set.classes, items)
@@ -155,7 +148,7 @@ def write_gradcam_panels(models: list[str], images: str, out, target: str = "pre
         if mode is CamTarget.TRUE and any(it.label not in classes for it in items):
             raise MeddapError(f"--target true needs every image class in the model's classes "
                               f"{classes}; {images} has {image_set.classes}.")
-        cam_engine = GradCAM(net, TARGET_LAYERS[parse_arch(meta["arch"])])
+        cam_engine = GradCAM(net, parse_arch(meta["arch"]).spec.gradcam_layer)
         data = to_tensor_set([image_set], image_set.classes, int(meta["size"]))
         for i, it in enumerate(items):
             x = normalise(data.images[i:i + 1].to(device))                      # (1, 3, S, S)

@@ -4,12 +4,14 @@ initial weights.
 ResNet34, SqueezeNet1.1 and DenseNet121 are torchvision's architectures with
 the classification head built for k classes (k = the number of training
 classes). Module names are torchvision's, so torchvision's ImageNet files load
-with `load_state_dict(strict=True)` apart from the head, which is the only
-tensor whose shape depends on k:
+with `load_state_dict(strict=True)` apart from the head, whose tensors are the
+only ones whose shape depends on k (`head_keys` of the table below).
 
-    resnet34       fc.weight (k, 512), fc.bias (k,)
-    squeezenet1.1  classifier.1.weight (k, 512, 1, 1), classifier.1.bias (k,)
-    densenet121    classifier.weight (k, 1024), classifier.bias (k,)
+The networks are one table, `ARCHITECTURES`: a record per network holds its
+builder, its ImageNet file, its head keys, its Grad-CAM layer and the fix of
+old checkpoint keys it needs. `Arch` (the command-line names), `parse_arch`,
+the head replacement, Grad-CAM's layer and the CLI choices all read it, so a
+new network is one record (and its tests).
 
 ImageNet initialisation (what the released code used) is read from
 `weights/<torchvision file name>` when that file is there; nothing is ever
@@ -31,42 +33,104 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from meddap.errors import MeddapError
-from meddap.io import sha256_file, write_bytes_atomic
-
-
-class Arch(Enum):
-    """The command-line names of the three networks."""
-    RESNET34 = "resnet34"
-    SQUEEZENET1_1 = "squeezenet1.1"
-    DENSENET121 = "densenet121"
-
-
-# torchvision's file names, as in the URLs of
-# torchvision.models.{ResNet34,SqueezeNet1_1,DenseNet121}_Weights.IMAGENET1K_V1
-# (https://download.pytorch.org/models/<name>). The 8 hex digits are the start
-# of the file's SHA-256, which torchvision checks and so do we.
-IMAGENET_FILES: dict[Arch, str] = {
-    Arch.RESNET34: "resnet34-b627a593.pth",
-    Arch.SQUEEZENET1_1: "squeezenet1_1-b8a52dc0.pth",
-    Arch.DENSENET121: "densenet121-a639ec97.pth",
-}
-
-HEAD_KEYS: dict[Arch, tuple[str, str]] = {
-    Arch.RESNET34: ("fc.weight", "fc.bias"),
-    Arch.SQUEEZENET1_1: ("classifier.1.weight", "classifier.1.bias"),
-    Arch.DENSENET121: ("classifier.weight", "classifier.bias"),
-}
+from meddap.io import read_torch_state_dict, sha256_file, write_bytes_atomic
 
 # Old DenseNet checkpoints (including torchvision's own densenet121-a639ec97.pth)
 # name a dense layer's modules `norm.1`, `conv.2`, ...; today's modules are
 # `norm1`, `conv2`. Same pattern as torchvision.models.densenet._load_state_dict.
 _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def rename_old_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`features.denseblock1.denselayer1.norm.1.weight` -> `...denselayer1.norm1.weight`;
+    other keys unchanged."""
+    out = {}
+    for key, value in state.items():
+        m = _DENSENET_OLD_KEY.match(key)
+        out[m.group(1) + m.group(2) if m else key] = value
+    return out
+
+
+def _resnet34(num_classes: int) -> nn.Module:
+    from torchvision.models import resnet34
+    return resnet34(weights=None, num_classes=num_classes)
+
+
+def _squeezenet1_1(num_classes: int) -> nn.Module:
+    from torchvision.models import squeezenet1_1
+    return squeezenet1_1(weights=None, num_classes=num_classes)
+
+
+def _densenet121(num_classes: int) -> nn.Module:
+    from torchvision.models import densenet121
+    return densenet121(weights=None, num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One downstream network.
+
+    build(k): torchvision's network with a k-class head, random init.
+    imagenet_file: torchvision's file name, as in the URL of its IMAGENET1K_V1
+        weights (https://download.pytorch.org/models/<name>); the 8 hex digits
+        after the last '-' start the file's SHA-256, which torchvision checks
+        and so do we.
+    head_keys: the parameters built for k classes (not copied from ImageNet).
+    gradcam_layer: the module whose output is Grad-CAM's A (gradcam.py).
+    rename_old_keys: the fix of the ImageNet file's key names, if it needs one.
+    """
+    build: Callable[[int], nn.Module]
+    imagenet_file: str
+    head_keys: tuple[str, ...]
+    gradcam_layer: str
+    rename_old_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    @property
+    def hash_prefix(self) -> str:
+        """'b627a593' of 'resnet34-b627a593.pth'."""
+        return self.imagenet_file.rsplit("-", 1)[1].split(".")[0]
+
+
+# The networks, by command-line name. Head shapes (k classes) and Grad-CAM's A
+# for an input (B, 3, H, W):
+#   resnet34       fc.weight (k, 512), fc.bias (k,);        layer4 (B, 512, H/32, W/32)
+#   squeezenet1.1  classifier.1.weight (k, 512, 1, 1), classifier.1.bias (k,);
+#                  features (B, 512, ~H/16, ~W/16), the last Fire module's concat
+#   densenet121    classifier.weight (k, 1024), classifier.bias (k,);
+#                  features (B, 1024, H/32, W/32), norm5's output
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "resnet34": ArchSpec(build=_resnet34, imagenet_file="resnet34-b627a593.pth",
+                         head_keys=("fc.weight", "fc.bias"), gradcam_layer="layer4"),
+    "squeezenet1.1": ArchSpec(build=_squeezenet1_1, imagenet_file="squeezenet1_1-b8a52dc0.pth",
+                              head_keys=("classifier.1.weight", "classifier.1.bias"),
+                              gradcam_layer="features"),
+    "densenet121": ArchSpec(build=_densenet121, imagenet_file="densenet121-a639ec97.pth",
+                            head_keys=("classifier.weight", "classifier.bias"),
+                            gradcam_layer="features", rename_old_keys=rename_old_densenet_keys),
+}
+
+
+class _ArchName(Enum):
+    @property
+    def spec(self) -> ArchSpec:
+        """This network's record in ARCHITECTURES."""
+        return ARCHITECTURES[self.value]
+
+
+# The command-line names as an enum, made from the table:
+# Arch.RESNET34 = "resnet34", Arch.SQUEEZENET1_1 = "squeezenet1.1", Arch.DENSENET121 = "densenet121".
+Arch = _ArchName("Arch", {name.upper().replace(".", "_"): name for name in ARCHITECTURES},
+                 module=__name__)
+
+# File names by network, read by read_imagenet_state below.
+IMAGENET_FILES: dict[Arch, str] = {arch: arch.spec.imagenet_file for arch in Arch}
 
 
 def parse_arch(name: str | Arch) -> Arch:
@@ -82,24 +146,9 @@ def parse_arch(name: str | Arch) -> Arch:
 def build_network(arch: Arch, num_classes: int) -> nn.Module:
     """torchvision's network with a k-class head, random init (uses the global
     torch RNG; call under a seeded `torch.random.fork_rng`)."""
-    from torchvision import models
     if num_classes < 2:
         raise MeddapError(f"a classifier needs at least 2 classes; got {num_classes}.")
-    if arch is Arch.RESNET34:
-        return models.resnet34(weights=None, num_classes=num_classes)
-    if arch is Arch.SQUEEZENET1_1:
-        return models.squeezenet1_1(weights=None, num_classes=num_classes)
-    return models.densenet121(weights=None, num_classes=num_classes)
-
-
-def rename_old_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`features.denseblock1.denselayer1.norm.1.weight` -> `...denselayer1.norm1.weight`;
-    other keys unchanged."""
-    out = {}
-    for key, value in state.items():
-        m = _DENSENET_OLD_KEY.match(key)
-        out[m.group(1) + m.group(2) if m else key] = value
-    return out
+    return arch.spec.build(num_classes)
 
 
 def read_imagenet_state(arch: Arch, path: Path, check_hash: bool = True) -> dict[str, torch.Tensor]:
@@ -116,14 +165,7 @@ def read_imagenet_state(arch: Arch, path: Path, check_hash: bool = True) -> dict
                 f"starts {digest[:8]}, the name promises {prefix}; put the file from "
                 f"https://download.pytorch.org/models/{expected} there, or remove it to "
                 f"start from random init.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises pickle/zip/runtime errors for broken files
-        raise MeddapError(f"weight file {path} is not a readable torch checkpoint "
-                          f"({type(e).__name__}: {e}); expected torchvision's {expected}.") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MeddapError(f"weight file {path} does not hold a state dict of tensors; "
-                          f"expected torchvision's {expected}.")
+    state = read_torch_state_dict(path, what="weight file", expected=f"torchvision's {expected}")
     return rename_old_densenet_keys(state) if arch is Arch.DENSENET121 else state
 
 
@@ -131,7 +173,7 @@ def load_imagenet_body(model: nn.Module, arch: Arch, state: dict[str, torch.Tens
                        source: str) -> None:
     """Copy every ImageNet tensor except the 1000-class head into `model`;
     the key sets must match exactly and every body shape must agree."""
-    head = set(HEAD_KEYS[arch])
+    head = set(arch.spec.head_keys)
     ours = model.state_dict()
     # Files saved before PyTorch 0.4.1 (densenet121-a639ec97.pth among them) lack
     # BatchNorm's `num_batches_tracked`; BatchNorm fills it with 0 on load, as do we.
@@ -190,7 +232,7 @@ def make_initial_state(arch: Arch, classes: list[str], seed: int,
         torch.manual_seed(seed)
         model = build_network(arch, len(classes))
     weights_file = sha = None
-    path = Path(weights_dir) / IMAGENET_FILES[arch] if weights_dir is not None else None
+    path = Path(weights_dir) / arch.spec.imagenet_file if weights_dir is not None else None
     if path is not None and path.is_file():
         load_imagenet_body(model, arch, read_imagenet_state(arch, path), str(path))
         weights_file, sha = path.name, sha256_file(path)

@@ -1,25 +1,5 @@
-"""Result cells and the paper's tables (MEDDAP Tables 1-3, Fig. 1a).
-
-Result folder layout: one JSON file per cell, written atomically when the
-cell finishes (so a file that exists is complete):
-
-    RESULTS/cells/<network>/<condition>/fold<k>.json
-
-    network    resnet34 | squeezenet1.1 | densenet121
-    condition  real                    real training images only
-               <adjective>_<percent>   real + synthetic, e.g. high-contrast_50
-    k          fold index
-
-A cell file holds `complete: true`, the cell's identity (network, adjective,
-ratio, fold), whether training started from ImageNet weights, the training
-summary (train.json), `n_train_real` (real training images, for the
-Nadeau-Bengio correction) and `evaluations`: one metrics dict (metrics.py) per
-test set, keyed `dataset_a` (the fold's BUSI test part), `dataset_b` (the
-unseen dataset) and `synthetic/<adjective>` (Fig. 1a: real-only networks
-scored on each synthetic set).
-
-`run_cell(spec, out_path)` is what the pipeline calls per cell; it does
-nothing when `out_path` already holds a complete cell.
+"""The paper's tables from result cells (MEDDAP Tables 1-3, Fig. 1a); the cells
+and their folder layout are in cells.py.
 
 Tables (`meddap tables RESULTS --out DIR`): mean ± sample std across folds.
 The best condition of each network is the one of highest mean `metric` on
@@ -36,93 +16,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from meddap.classify.cells import DATASET_A, DATASET_B, SYNTHETIC, condition_name, load_cells
 from meddap.classify.metrics import METRIC_NAMES
 from meddap.classify.networks import Arch
 from meddap.classify.stats import corrected_resampled_t_test, holm, mean_std, paired_t_test
-from meddap.classify.train import TrainConfig
 from meddap.data.prompts import ADJECTIVES
 from meddap.errors import MeddapError
-from meddap.io import write_json_atomic, write_text_atomic
-
-CELL_FORMAT = "meddap-classify-cell/1"
-REAL = "real"
-DATASET_A, DATASET_B, SYNTHETIC = "dataset_a", "dataset_b", "synthetic/"
-
-
-def condition_name(adjective: str | None, ratio: float) -> str:
-    """'real' for real-only, else '<adjective>_<percent>' (0.5 -> 50)."""
-    return REAL if adjective is None else f"{adjective}_{round(ratio * 100)}"
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """One trained classifier and the test sets it is scored on.
-    `train.train[0]` is the real training data; further entries are the
-    synthetic folders pooled with it."""
-    train: TrainConfig
-    fold: int
-    adjective: str | None = None       # None: real only
-    ratio: float = 0.0                 # synthetic images per real image, per class
-    tests: tuple[tuple[str, str], ...] = ()   # (test name, folder or SPLIT.json:FOLD:PART)
-
-    @property
-    def condition(self) -> str:
-        return condition_name(self.adjective, self.ratio)
-
-
-def cell_path(results: str | Path, network: Arch, condition: str, fold: int) -> Path:
-    return Path(results) / "cells" / network.value / condition / f"fold{fold}.json"
-
-
-def read_cell(path: Path) -> dict | None:
-    """The cell's record, or None when the file is absent or not complete."""
-    if not path.is_file():
-        return None
-    try:
-        cell = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MeddapError(f"result cell {path} is not valid JSON ({e}); delete it to recompute.") from e
-    return cell if cell.get("complete") is True and cell.get("format") == CELL_FORMAT else None
-
-
-def run_cell(spec: CellSpec, out_path: str | Path, device: str | None = None) -> dict:
-    """Train (resumably, in spec.train.out) and evaluate one cell; write its
-    JSON atomically to out_path. A complete existing cell is returned as is."""
-    from meddap.classify.evaluate import evaluate
-    from meddap.classify.train import train_classifier
-    from meddap.data.datasets import resolve_images
-    out_path = Path(out_path)
-    done = read_cell(out_path)
-    if done is not None:
-        return done
-    summary = train_classifier(spec.train)
-    evaluations = {}
-    for name, data in spec.tests:
-        result = evaluate(spec.train.out, data, device=device or spec.train.device)
-        result.pop("predictions")
-        evaluations[name] = result
-    cell = {"format": CELL_FORMAT, "complete": True, "network": spec.train.arch.value,
-            "adjective": spec.adjective, "ratio": spec.ratio, "condition": spec.condition,
-            "fold": spec.fold, "imagenet_init": summary["imagenet_init"],
-            "n_train_real": len(resolve_images(spec.train.train[0]).items),
-            "train": summary, "evaluations": evaluations}
-    write_json_atomic(out_path, cell)
-    return cell
-
-
-def load_cells(results: str | Path) -> list[dict]:
-    root = Path(results) / "cells"
-    if not root.is_dir():
-        raise MeddapError(f"results folder {results} has no cells/ folder; expected "
-                          f"cells/<network>/<condition>/fold<k>.json files.")
-    cells = [c for p in sorted(root.glob("*/*/fold*.json")) if (c := read_cell(p)) is not None]
-    if not cells:
-        raise MeddapError(f"results folder {results} holds no complete cells.")
-    return cells
+from meddap.figures import bar_chart
+from meddap.io import write_text_atomic
 
 
 # ---------------------------------------------------------------- aggregation
@@ -315,52 +218,3 @@ def write_tables(results: str | Path, out: str | Path, metric: str = "accuracy")
                       list(dict.fromkeys(s for _, s in values)), values)
             written.append(out / file)
     return written
-
-
-# ---------------------------------------------------------------- PIL chart
-
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-
-
-def bar_chart(path: Path, title: str, groups: list[str], series: list[str],
-              values: dict[tuple[str, str], tuple[float, float]]) -> None:
-    """Grouped bars of values in [0, 1] shown as %, with ± std whiskers;
-    drawn with PIL (matplotlib is not a dependency). Group labels are written
-    vertically under the axis."""
-    from PIL import Image, ImageDraw
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = lambda text: int(measure.textlength(text)) + 4  # noqa: E731
-    bar_w, gap, left, top, plot_h, legend_w = 14, 12, 50, 50, 300, 20 + max(map(text_w, series))
-    label_h = max(map(text_w, groups)) + 4
-    plot_w = len(groups) * (len(series) * bar_w + gap)
-    width = max(left + plot_w + 20 + legend_w, left + text_w(title) + 10)
-    img = Image.new("RGB", (width, top + plot_h + label_h + 10), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 10), title, fill="black")
-    y_of = lambda v: top + plot_h * (1.0 - min(max(v, 0.0), 1.0))  # noqa: E731
-    for tick in range(0, 101, 20):
-        y = y_of(tick / 100)
-        d.line([(left - 4, y), (left + plot_w, y)], fill=(220, 220, 220))
-        d.text((left - 30, y - 5), f"{tick}", fill="black")
-    x = left + gap // 2
-    for g in groups:
-        for i, s in enumerate(series):
-            mean, std = values.get((g, s), (float("nan"), float("nan")))
-            if mean == mean:
-                d.rectangle([x, y_of(mean), x + bar_w - 2, y_of(0)], fill=_PALETTE[i % len(_PALETTE)])
-                if std == std:
-                    cx = x + bar_w // 2 - 1
-                    d.line([(cx, y_of(mean - std)), (cx, y_of(mean + std))], fill="black")
-            x += bar_w
-        label = Image.new("RGB", (label_h, 14), "white")
-        ImageDraw.Draw(label).text((2, 1), g, fill="black")
-        img.paste(label.rotate(90, expand=True), (x - len(series) * bar_w // 2 - 7, top + plot_h + 6))
-        x += gap
-    d.line([(left, y_of(0)), (left + plot_w, y_of(0))], fill="black")
-    for i, s in enumerate(series):
-        x, y = left + plot_w + 20, top + 16 * i
-        d.rectangle([x, y, x + 10, y + 10], fill=_PALETTE[i % len(_PALETTE)])
-        d.text((x + 15, y - 1), s, fill="black")
-    from meddap.io import atomic_path
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")

@@ -18,13 +18,12 @@ Output folder:
 A run killed at any point and started again with the same command continues
 from the last finished epoch; on CPU the result is bitwise the one of an
 uninterrupted run (the shuffle of epoch e comes from its own generator seeded
-by (seed, e), dropout from the saved torch RNG state). Re-running with a
-larger --epochs extends a finished run.
+by stream_seed(seed, e), dropout from the saved torch RNG state). Re-running
+with a larger --epochs extends a finished run.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -37,35 +36,44 @@ import torch
 from PIL import Image
 from torch import nn
 
-from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state)
+from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state,
+                                      parse_arch)
 from meddap.data.datasets import ImageSet, load_rgb, resolve_images
+from meddap.device import DEVICE_HELP, check_device_name, resolve_device
 from meddap.errors import MeddapError
-from meddap.io import atomic_path, write_json_atomic, write_text_atomic
+from meddap.io import (dataset_sha256, save_torch_atomic, stream_seed, write_json_atomic,
+                       write_text_atomic)
 from meddap.progress import Progress
+from meddap.settings import above, at_least, setting
 
 # torchvision's ImageNet statistics (torchvision.transforms._presets.ImageClassification),
 # used by the released code's transforms.Normalize.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_SHUFFLE_STREAM = 1_000_003  # epoch e shuffles with seed * _SHUFFLE_STREAM + e
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """One classifier training; defaults are the authors' (evaluate_new.py)."""
-    arch: Arch
-    train: tuple[str, ...]          # class folders or SPLIT.json:FOLD:PART, pooled
-    val: str
-    out: Path
-    epochs: int = 100
-    batch_size: int = 32            # drop_last=True, as released
-    lr: float = 1e-3                # Adam, default betas
-    seed: int = 0
-    size: int = 224
-    device: str = "cpu"
-    init: Path | None = None        # shared initial weights; default out/init.pt
-    weights_dir: Path | None = Path("weights")
-    show_progress: bool = True
+    """One classifier training (`meddap classify train`); defaults are the authors'
+    (evaluate_new.py)."""
+    arch: Arch = setting(parse=parse_arch,
+                         help=f"network: {', '.join(a.value for a in Arch)}")
+    train: tuple[str, ...] = setting(nargs="append", help="class folder or SPLIT.json:FOLD:PART; "
+                                     "repeat to pool (real + synthetic)")
+    val: str = setting(help="class folder or SPLIT.json:FOLD:PART")
+    out: Path = setting(help="output folder (resumed if it holds a run)")
+    epochs: int = setting(100, check=at_least(1), help="training epochs")
+    batch_size: int = setting(32, check=at_least(1), help="drop_last, as released")
+    lr: float = setting(1e-3, check=above(0), help="Adam learning rate; default betas")
+    seed: int = setting(0, check=at_least(0),
+                        help="seed of the initial weights, the shuffles and dropout")
+    size: int = setting(224, check=at_least(32), help="square input size in pixels")
+    device: str | None = setting(None, check=check_device_name, help=DEVICE_HELP)
+    init: Path | None = setting(None, help="shared initial weights file, made if absent; "
+                                "not given: OUT/init.pt")
+    weights_dir: Path = setting(Path("weights"), help="folder with torchvision's ImageNet files "
+                                "(random init without them)")
+    show_progress: bool = setting(True, cli=False, help="draw a progress bar (CLI: --quiet turns it off)")
 
     def settings(self) -> dict:
         """What must not change when a run is resumed (epochs may grow)."""
@@ -123,13 +131,19 @@ def normalise(images_u8: torch.Tensor) -> torch.Tensor:
     return (images_u8.float() / 255.0 - mean) / std
 
 
-def manifest_sha256(sets: list[ImageSet]) -> str:
-    lines = sorted(f"{it.label}\t{it.path}" for s in sets for it in s.items)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+def check_every_class_has_images(spec: str, image_set: ImageSet) -> None:
+    """Refuse a training set with an empty class folder (wording of meddap.lora.train.check_image_set)."""
+    empty = [c for c, n in image_set.counts().items() if n == 0]
+    if empty:
+        raise MeddapError(f"class {empty[0]!r} of {spec} has no images ({image_set.root / empty[0]}); "
+                          f"every class folder needs at least one PNG/JPEG/BMP/TIFF image.")
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[TensorSet, TensorSet, str]:
+    """(train, val, the training images' dataset_sha256)."""
     train_sets = [resolve_images(s) for s in cfg.train]
+    for spec, image_set in zip(cfg.train, train_sets):
+        check_every_class_has_images(spec, image_set)
     val_set = resolve_images(cfg.val)
     classes = sorted({c for s in train_sets for c in s.classes})
     unknown = [c for c in val_set.classes if c not in classes]
@@ -145,7 +159,8 @@ def load_training_data(cfg: TrainConfig) -> tuple[TensorSet, TensorSet, str]:
     if not val_set.items:
         raise MeddapError(f"validation data {cfg.val} holds no images.")
     return (to_tensor_set(train_sets, classes, cfg.size),
-            to_tensor_set([val_set], classes, cfg.size), manifest_sha256(train_sets))
+            to_tensor_set([val_set], classes, cfg.size),
+            dataset_sha256([it for s in train_sets for it in s.items]))
 
 
 # ---------------------------------------------------------------- helpers
@@ -163,13 +178,6 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: tor
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _save_torch(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
 def _write_log(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -185,7 +193,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 def train_classifier(cfg: TrainConfig) -> dict:
     """Train one classifier; returns (and writes) out/train.json."""
     out = Path(cfg.out)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     on_cuda = device.type == "cuda"
     summary_path, state_path = out / "train.json", out / "state.pt"
     if summary_path.exists():
@@ -242,7 +250,7 @@ def train_classifier(cfg: TrainConfig) -> dict:
     for epoch in range(start, cfg.epochs):
         t0 = time.monotonic()
         model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * _SHUFFLE_STREAM + epoch)
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
         perm = torch.randperm(train.images.shape[0], generator=gen).to(device)  # (N,)
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for b in range(n_batches):
@@ -263,24 +271,24 @@ def train_classifier(cfg: TrainConfig) -> dict:
         val_acc = float((val_logits.argmax(1).cpu() == val.labels).double().mean())
         if val_acc > best_acc:                                      # first best kept on ties
             best_acc, best_epoch = val_acc, epoch + 1
-            _save_torch({"arch": cfg.arch.value, "classes": train.classes, "size": cfg.size,
-                         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                         "epoch": best_epoch, "val_accuracy": best_acc,
-                         "imagenet_init": init.imagenet_init,
-                         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
-                        out / "best.pt")
+            save_torch_atomic({"arch": cfg.arch.value, "classes": train.classes, "size": cfg.size,
+                              "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                              "epoch": best_epoch, "val_accuracy": best_acc,
+                              "imagenet_init": init.imagenet_init,
+                              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
+                             out / "best.pt")
         rows.append({"epoch": epoch + 1,
                      "train_loss": float(loss_sum) / max(n_batches, 1),
                      "train_accuracy": float(correct) / (n_batches * cfg.batch_size),
                      "val_loss": val_loss, "val_accuracy": val_acc,
                      "best_val_accuracy": best_acc, "seconds": round(time.monotonic() - t0, 3)})
-        _save_torch({"settings": cfg.settings(), "epoch": epoch + 1, "best_acc": best_acc,
-                     "best_epoch": best_epoch, "log": rows,
-                     "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state(device) if on_cuda else None},
-                    state_path)
+        save_torch_atomic({"settings": cfg.settings(), "epoch": epoch + 1, "best_acc": best_acc,
+                          "best_epoch": best_epoch, "log": rows,
+                          "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                          "rng_cpu": torch.get_rng_state(),
+                          "rng_cuda": torch.cuda.get_rng_state(device) if on_cuda else None},
+                         state_path)
         _write_log(out / "log.csv", rows)
         bar.update(1, postfix=f"val acc {val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
     bar.close()

@@ -1,80 +1,17 @@
 """OUT/report.md of `meddap run`: sample grids, the USLoRA loss curve, FID/KID,
 the classifier tables, the adaptation check and the Grad-CAM overlays.
 
-Pictures are drawn with PIL (matplotlib is not a dependency) and written next
-to the report under OUT/figures/.
+Pictures are drawn by meddap.figures and written next to the report under
+OUT/figures/.
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-from meddap.io import atomic_path, write_text_atomic
+from meddap.figures import loss_curve, sample_grid, stack_pictures
+from meddap.io import write_text_atomic
 from meddap.pipeline.config import FeatureSpace, RunConfig
-
-GRID_COLUMNS = 6
-THUMB = 64
-CHANCE_MARGIN = 0.15        # "near chance": within 15 points of 1/k
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def sample_grid(rows: list[tuple[str, list[Path]]], path: Path, columns: int = GRID_COLUMNS) -> Path:
-    """One labelled row of `columns` thumbnails per (label, images)."""
-    label_w = 120
-    grid = Image.new("RGB", (label_w + columns * THUMB, len(rows) * THUMB), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        draw.text((4, r * THUMB + THUMB // 2 - 6), label, fill="black")
-        for c, p in enumerate(images[:columns]):
-            grid.paste(Image.open(p).convert("RGB").resize((THUMB, THUMB)), (label_w + c * THUMB, r * THUMB))
-    _save(grid, path)
-    return path
-
-
-def _stack(paths: list[Path], path: Path) -> Path:
-    """The pictures one above the other (the demo's overview: real, adapted, unadapted)."""
-    images = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + 4 * len(images)), "white")
-    y = 0
-    for im in images:
-        canvas.paste(im, (0, y))
-        y += im.height + 4
-    _save(canvas, path)
-    return path
-
-
-def loss_curve(csv_path: Path, path: Path, size: tuple[int, int] = (480, 240), smooth: int = 20) -> Path:
-    """The USLoRA training loss per step (grey) and its running mean over `smooth` steps (blue)."""
-    with open(csv_path, encoding="utf-8") as f:
-        losses = [float(row["loss"]) for row in csv.DictReader(f)]
-    W, H = size
-    pad = 36
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1.0
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        return (pad + (W - 2 * pad) * i / max(len(losses) - 1, 1), H - pad - (H - 2 * pad) * (v - lo) / (hi - lo))
-
-    draw.line([(pad, pad), (pad, H - pad), (W - pad, H - pad)], fill="black")
-    draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190))
-    means = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
-             for i in range(len(losses))]
-    draw.line([xy(i, v) for i, v in enumerate(means)], fill=(31, 119, 180), width=2)
-    draw.text((pad, 8), f"USLoRA loss (MEDDAP Eq. 1), {len(losses)} steps; mean of {smooth} in blue", fill="black")
-    draw.text((4, pad - 6), f"{hi:.3f}", fill="black")
-    draw.text((4, H - pad - 6), f"{lo:.3f}", fill="black")
-    draw.text((W - pad - 30, H - pad + 6), f"step {len(losses)}", fill="black")
-    _save(img, path)
-    return path
 
 
 def _rel(path: Path | str, out: Path) -> str:
@@ -151,7 +88,7 @@ def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
             rows = [(f"{kind} {c}", sorted((Path(folder) / c).glob("*.png"))) for c in real.classes]
             grids.append(sample_grid(rows, figures / f"check_{kind}.png"))
             lines += [f"Class prompts, {kind} model (`{_rel(folder, out)}`):", "", f"![{kind}]({_rel(grids[-1], out)})", ""]
-        overview = _stack(grids, figures / "overview.png")
+        overview = stack_pictures(grids, figures / "overview.png")
         lines += [f"All three at once (real, adapted, unadapted): ![overview]({_rel(overview, out)})", ""]
     from meddap.data.expand import adjective_folder, ratio_folder
     for fold in info["folds"]:
