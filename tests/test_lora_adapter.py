@@ -216,3 +216,42 @@ def test_double_injection_is_refused():
     inject_lora(unet)
     with pytest.raises(MeddapError, match="already carries"):
         inject_lora(unet)
+
+
+def test_presets_table_drives_targets(monkeypatch):
+    """One table: a new entry is a preset for target_patterns, the parse rule and the check."""
+    from meddap.lora.adapter import TARGET_PRESETS, check_targets, parse_targets, target_patterns
+
+    assert TARGET_PRESETS == {
+        "cross": ("*.attn2.to_q", "*.attn2.to_k", "*.attn2.to_v", "*.attn2.to_out.0"),
+        "all": ("*.attn1.to_q", "*.attn1.to_k", "*.attn1.to_v", "*.attn1.to_out.0",
+                "*.attn2.to_q", "*.attn2.to_k", "*.attn2.to_v", "*.attn2.to_out.0")}
+    assert target_patterns("cross") == TARGET_PRESETS["cross"]
+    assert check_targets("ff") == ("is not a target preset ('cross', 'all'); give a preset or a list "
+                                   "of layer-name patterns such as '*.attn2.to_k'")
+    monkeypatch.setitem(TARGET_PRESETS, "ff", ("*.ff.net.2",))
+    assert target_patterns("ff") == ("*.ff.net.2",)
+    assert parse_targets(["ff"]) == "ff" and parse_targets("ff") == "ff" and check_targets("ff") is None
+    names = inject_lora(tiny_unet(), rank=2, targets="ff")
+    assert len(names) == 16 and all(n.endswith(".ff.net.2") for n in names)
+
+
+@pytest.mark.parametrize("given,parsed", [
+    ("cross", "cross"), (["cross"], "cross"), (["all"], "all"), ("*.attn2.to_k", ("*.attn2.to_k",)),
+    (["*.attn2.to_k", "*.attn2.to_v"], ("*.attn2.to_k", "*.attn2.to_v")),
+    (["cross", "*.attn1.to_q"], ("cross", "*.attn1.to_q")),   # a preset name among patterns is a pattern
+    (5, 5),                                                   # left for the check to name
+])
+def test_targets_parse_rule(given, parsed):
+    from meddap.lora.adapter import parse_targets
+
+    assert parse_targets(given) == parsed
+
+
+def test_lora_info_reads_the_adapter_declarations(capsys):
+    assert main(["lora-info", "--config", "tiny", "--rank", "2", "--alpha", "4", "--targets", "all",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rank"], report["alpha"], report["targets"], report["layers"]) == (2, 4.0, "all", 16 * 8)
+    assert main(["lora-info", "--rank", "0"]) == 2
+    assert "--rank = 0 is out of range; use a value from 1 to 1024 (the paper uses 4)." in capsys.readouterr().err

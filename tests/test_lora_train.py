@@ -1,5 +1,6 @@
 """USLoRA training on the tiny config: loss falls, exact resume, caching, bad input."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def files(tmp_path_factory):
 
 def config(files, out, **kw):
     base = dict(checkpoint=str(files / "tiny.safetensors"), data=str(files / "tall"), out=str(out),
-                resolution=64, lr=1e-3, targets="all", checkpoint_every=5, show_progress=False)
+                resolution=64, lr=1e-3, targets="all", checkpoint_every=5, device="cpu", show_progress=False)
     return LoRARunConfig(**{**base, **kw})
 
 
@@ -178,10 +179,10 @@ def bad_folders(root):
     (dict(data="empty"), "has no class sub-folders"),
     (dict(data="no_images"), "class 'malignant' .* has no images"),
     (dict(data="unreadable"), "cannot read image .*broken.png"),
-    (dict(rank=0), "rank 0 is not a positive integer"),
+    (dict(rank=0), r"--rank = 0 is out of range; use a value from 1 to 1024 \(the paper uses 4\)\."),
     (dict(targets=("*.attn2.to_k", "*.attn7.*")), r"pattern '\*\.attn7\.\*' matches no linear layer"),
     (dict(mixed_precision=MixedPrecision.FP16), "fp16 needs a CUDA device"),
-    (dict(resolution=60), "not a multiple of 8"),
+    (dict(resolution=60), r"--resolution = 60 must be a positive multiple of 8 \(the VAE downsamples by 8\)\."),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, change, match):
     bad_folders(tmp_path)
@@ -189,5 +190,123 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, change, 
         change = {**change, "data": str(tmp_path / change["data"])}
     cfg = dataclasses.replace(config(files, tmp_path / "out", max_steps=2), **change)
     with pytest.raises(MeddapError, match=match):
+        train_lora(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def help_text(capsys, argv):
+    with pytest.raises(SystemExit):
+        main(argv + ["--help"])
+    return " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+
+
+def test_help_shows_the_declared_defaults(capsys):
+    text = help_text(capsys, ["train-lora"])
+    for flag, default in (("--rank", "4"), ("--targets", "cross"), ("--lr", "0.0001"), ("--epochs", "100"),
+                          ("--batch-size", "1"), ("--resolution", "224"), ("--seed", "42"),
+                          ("--mixed-precision", "no"), ("--checkpoint-every", "500"),
+                          ("--validate-every", "0"), ("--validation-steps", "30")):
+        help_of_flag = text.split(f" {flag} ", 1)[1]
+        assert f"(default: {default})" in help_of_flag.split(" --", 1)[0], flag
+    for flag in ("--checkpoint", "--data", "--out", "--alpha", "--max-steps", "--device",
+                 "--gradient-checkpointing", "--cache-latents", "--validation-prompts", "--as-released",
+                 "--quiet"):
+        assert f" {flag} " in text, flag
+
+
+def test_help_follows_a_changed_declaration(capsys, monkeypatch):
+    """The help reads the field's declaration, not a second typed-in default (lora-info shares it)."""
+    monkeypatch.setattr(LoRARunConfig.__dataclass_fields__["rank"], "default", 8)
+    for command in ("train-lora", "lora-info"):
+        assert "LoRA rank r (paper: 4) (default: 8)" in help_text(capsys, [command])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rank", "0"], "--rank = 0 is out of range; use a value from 1 to 1024 (the paper uses 4)."),
+    (["--alpha", "0"], "--alpha = 0 must be a finite number above 0."),
+    (["--lr", "2"], "--lr = 2 must be above 0 and at most 1 (the paper uses 1e-4)."),
+    (["--max-steps", "0"], "--max-steps = 0 must be at least 1."),
+    (["--seed", "-1"], "--seed = -1 must be at least 0."),
+    (["--validate-every", "-1"], "--validate-every = -1 must be at least 0."),
+    (["--device", "gpu"], "--device = 'gpu' is not a device; use cpu, cuda or cuda:N."),
+    (["--mixed-precision", "fp16", "--device", "cpu"],
+     "--mixed-precision fp16 needs a CUDA device; on cpu training runs in float32 (--mixed-precision no)."),
+])
+def test_cli_settings_errors_name_the_flag(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["train-lora", "--checkpoint", "x", "--data", "y", "--out", str(out)] + argv) == 2
+    assert capsys.readouterr().err.strip() == f"meddap train-lora: error: {message}"
+    assert not out.exists()
+
+
+def test_config_file_errors_name_the_key():
+    from meddap.settings import from_table, toml_label
+
+    fixed = dict(checkpoint="c", data="d", out="o")
+    with pytest.raises(MeddapError, match=r"^\[lora\] max_steps = 0 must be at least 1\.$"):
+        from_table(LoRARunConfig, {"max_steps": 0}, "lora", **fixed)
+    assert from_table(LoRARunConfig, {"targets": ["all"]}, "lora", **fixed).targets == "all"
+    assert from_table(LoRARunConfig, {"targets": "*.attn2.to_k"}, "lora", **fixed).targets == ("*.attn2.to_k",)
+    cfg = dataclasses.replace(LoRARunConfig(**fixed), mixed_precision=MixedPrecision.BF16, device="cpu")
+    with pytest.raises(MeddapError, match=r"^\[lora\] mixed_precision bf16 needs a CUDA device"):
+        train_lora(cfg, toml_label("lora"))
+
+
+class Hostile:
+    """Not a tensor: `torch.load(weights_only=True)` refuses to unpickle it."""
+
+
+@pytest.mark.parametrize("damage", ["torn", "hostile", "foreign"])
+def test_unreadable_train_state_names_the_file(files, tmp_path, damage):
+    state = tmp_path / "train_state.pt"
+    train_lora(config(files, tmp_path, max_steps=2))
+    if damage == "torn":                       # killed mid-write by something other than us
+        state.write_bytes(state.read_bytes()[:1000])
+    else:
+        torch.save({"key": Hostile()} if damage == "hostile" else {"step": 3}, state)
+    name = re.escape(str(state))
+    expected = (rf"^resume checkpoint {name} is not a train-lora state" if damage == "foreign" else
+                rf"^resume checkpoint {name} cannot be read \((UnpicklingError|RuntimeError)\); delete it")
+    with pytest.raises(MeddapError, match=expected) as error:
+        train_lora(config(files, tmp_path, max_steps=4))
+    assert str(error.value).endswith("delete it to restart this run from step 0.")
+    assert "weights_only" not in str(error.value)
+
+
+def test_cpu_run_saves_no_cuda_rng_state(files, tmp_path, monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU run touched a CUDA generator")
+
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    train_lora(config(files, tmp_path, max_steps=2, checkpoint_every=1))
+    train_lora(config(files, tmp_path, max_steps=3))   # resumes: restores the states it saved
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert sorted(state["rng"]) == ["loop", "numpy", "python", "torch"]
+
+
+def test_cuda_rng_state_is_the_training_devices_only(monkeypatch):
+    """Saved and restored: torch.cuda.get_rng_state(device) of the training GPU, never
+    the states of all GPUs (which fails on a host with fewer GPUs). No GPU needed."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or
+                        torch.full((8,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("read every GPU's state"))
+    gpu = torch.device("cuda", 1)
+    states = train_module._rng_states(torch.Generator().manual_seed(0), gpu)
+    assert torch.equal(states["cuda"], torch.full((8,), 7, dtype=torch.uint8))
+    train_module._set_rng_states(torch.Generator(), states, gpu)
+    assert calls[0] == ("get", gpu) and calls[1][:2] == ("set", gpu) and torch.equal(calls[1][2], states["cuda"])
+    train_module._set_rng_states(torch.Generator(), states, torch.device("cpu"))   # resumed on the CPU
+    assert len(calls) == 2
+
+
+def test_bf16_on_a_gpu_without_bf16_is_a_clear_error(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "resolve_device", lambda name, flag: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cfg = config(files, tmp_path / "out", mixed_precision=MixedPrecision.BF16, max_steps=1)
+    with pytest.raises(MeddapError, match=r"^--mixed-precision bf16: Tesla T4 has no bfloat16 support"):
         train_lora(cfg)
     assert not (tmp_path / "out").exists()

@@ -33,7 +33,7 @@ is zero, so the adapted UNet starts as the base one, bit for bit (see
 from __future__ import annotations
 
 import fnmatch
-from enum import Enum
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -41,21 +41,83 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddap.errors import MeddapError
+from meddap.settings import above, in_range, setting
 
-
-class Targets(Enum):
-    """Named sets of adapted layers."""
-    CROSS = "cross"   # MEDDAP section 3.1: cross-attention W_q, W_k, W_v, W_o (16 layers in SD v1)
-    ALL = "all"       # authors' released weights: self- and cross-attention (32 layers in SD v1)
-
-
-# Patterns are shell-style globs (Python `fnmatch`, case-sensitive) over the
-# full dotted names of the UNet's `nn.Linear` modules; `*` also matches dots.
+# --- target presets ------------------------------------------------------------
+# The named sets of adapted layers: `--targets cross`, `[lora] targets = "all"`.
+# This table is the only list of them; the CLI help, the parse rule and
+# `target_patterns` read it. Patterns are shell-style globs (Python `fnmatch`,
+# case-sensitive) over the full dotted names of the UNet's `nn.Linear`
+# modules; `*` also matches dots.
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-TARGET_PATTERNS: dict[Targets, tuple[str, ...]] = {
-    Targets.CROSS: tuple(f"*.attn2.{p}" for p in _PROJECTIONS),
-    Targets.ALL: tuple(f"*.{a}.{p}" for a in ("attn1", "attn2") for p in _PROJECTIONS),
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    # MEDDAP section 3.1: cross-attention W_q, W_k, W_v, W_o (SD v1: 64 layers in its 16 attn2)
+    "cross": tuple(f"*.attn2.{p}" for p in _PROJECTIONS),
+    # the authors' released weights: self- and cross-attention (SD v1: 128 layers in 16 attn1 + 16 attn2)
+    "all": tuple(f"*.{a}.{p}" for a in ("attn1", "attn2") for p in _PROJECTIONS),
 }
+
+
+def _preset_names() -> str:
+    """The preset names, for messages: 'cross', 'all'."""
+    return ", ".join(repr(name) for name in TARGET_PRESETS)
+
+
+def parse_targets(value):
+    """What the user wrote -> a preset name or a tuple of patterns (the parse rule of
+    `targets`): "cross" and ["cross"] -> "cross"; ["all"] -> "all"; a pattern or a list
+    of patterns -> a tuple of them. Anything else is returned as is, for `check_targets`."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)):
+        return value
+    if len(values) == 1 and values[0] in TARGET_PRESETS:
+        return values[0]
+    return tuple(values)
+
+
+def check_targets(value) -> str | None:
+    """A settings check: None for a preset name or a non-empty tuple of non-empty patterns."""
+    if isinstance(value, str):
+        if value in TARGET_PRESETS:
+            return None
+        return (f"is not a target preset ({_preset_names()}); give a preset or a list of "
+                f"layer-name patterns such as '*.attn2.to_k'")
+    if isinstance(value, tuple) and value and all(isinstance(p, str) and p for p in value):
+        return None
+    return (f"must be a preset ({_preset_names()}) or a non-empty list of layer-name patterns "
+            f"such as '*.attn2.to_k'")
+
+
+def target_patterns(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """A preset name ('cross', 'all', ...) or a list of glob patterns -> the patterns."""
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise MeddapError(f"unknown LoRA target set {targets!r}; give a preset "
+                              f"({_preset_names()}: meddap.lora.TARGET_PRESETS) or a list of "
+                              f"layer-name patterns such as '*.attn2.to_k'.")
+        return TARGET_PRESETS[targets]
+    patterns = tuple(targets)
+    complaint = check_targets(patterns)
+    if complaint:
+        raise MeddapError(f"LoRA targets {targets!r} {complaint}.")
+    return patterns
+
+
+_TARGETS_HELP = ("a preset (" + "; ".join(f"{name}: {' '.join(patterns)}" for name, patterns in
+                                          TARGET_PRESETS.items())
+                 + ") or fnmatch patterns over layer names, e.g. '*.attn2.to_k'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """The adapters' shape, MEDDAP Eq. 3: rank r, alpha (scale alpha/r) and the adapted
+    layers. `meddap lora-info` reads these settings; `LoRARunConfig` extends them."""
+    rank: int = setting(4, help="LoRA rank r (paper: 4)", check=in_range(1, 1024, " (the paper uses 4)"))
+    alpha: float | None = setting(None, help="LoRA alpha; the update is scaled by alpha/rank "
+                                             "(None: alpha = rank, scale 1, as the authors' weights)",
+                                  check=above(0))
+    targets: str | tuple[str, ...] = setting("cross", help=_TARGETS_HELP, check=check_targets,
+                                             parse=parse_targets, nargs="+")
 
 
 class LoRALinear(nn.Module):
@@ -103,26 +165,7 @@ class LoRALinear(nn.Module):
                 f"enabled={self.enabled}, merged={self.merged}")
 
 
-def target_patterns(targets: str | Targets | Sequence[str]) -> tuple[str, ...]:
-    """'cross' | 'all' | Targets | a list of glob patterns -> the patterns."""
-    if isinstance(targets, Targets):
-        return TARGET_PATTERNS[targets]
-    if isinstance(targets, str):
-        try:
-            return TARGET_PATTERNS[Targets(targets)]
-        except ValueError:
-            raise MeddapError(f"unknown LoRA target set {targets!r}; give 'cross' (the paper's "
-                              f"cross-attention layers), 'all' (self- and cross-attention, as the "
-                              f"authors' released weights) or a list of layer-name patterns such as "
-                              f"'*.attn2.to_k'.") from None
-    patterns = tuple(targets)
-    if not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise MeddapError(f"LoRA targets {targets!r} must be 'cross', 'all' or a non-empty list "
-                          f"of layer-name patterns such as '*.attn2.to_k'.")
-    return patterns
-
-
-def find_targets(unet: nn.Module, targets: str | Targets | Sequence[str]) -> list[str]:
+def find_targets(unet: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Names of the `nn.Linear` (or already adapted) layers matched by `targets`,
     in module order. A pattern that matches no layer is an error naming it."""
     patterns = target_patterns(targets)
@@ -152,7 +195,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
-                targets: str | Targets | Sequence[str] = Targets.CROSS,
+                targets: str | Sequence[str] = "cross",
                 generator: torch.Generator | None = None) -> list[str]:
     """Replace each targeted `nn.Linear` by a `LoRALinear` around it; return their names.
 

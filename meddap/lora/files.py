@@ -43,8 +43,7 @@ from torch import nn
 
 from meddap.errors import MeddapError
 from meddap.io import atomic_path, sha256_file
-from meddap.lora.adapter import (TARGET_PATTERNS, LoRALinear, Targets, inject_lora, lora_layers,
-                                 lora_state_dict)
+from meddap.lora.adapter import TARGET_PRESETS, LoRALinear, inject_lora, lora_layers, lora_state_dict
 
 
 class LoRAFormat(Enum):
@@ -54,9 +53,6 @@ class LoRAFormat(Enum):
 
 FORMAT_TAG = "meddap-lora"
 FORMAT_VERSION = "1"
-META_KEYS = ("meddap_format", "meddap_format_version", "meddap_rank", "meddap_alpha",
-             "meddap_targets", "meddap_base_sha256", "meddap_base_config",
-             "meddap_training_args", "meddap_step")
 
 # --- diffusers <-> CompVis block names --------------------------------------
 # SD v1's UNet has two ResBlocks per resolution level (num_res_blocks = 2), so
@@ -198,13 +194,13 @@ def read_lora_file(path: str | Path) -> LoRAFile:
 
 # --- writing -----------------------------------------------------------------
 def describe_targets(layers: list[str]) -> str | list[str]:
-    """'cross' or 'all' when the layers are exactly those of a named SD v1 set, else
-    the layer names (a pattern list that selects exactly these layers)."""
-    for t in Targets:
+    """A preset name ('cross', 'all') when the layers are exactly those of the preset in
+    SD v1, else the layer names (a pattern list that selects exactly these layers)."""
+    for name, patterns in TARGET_PRESETS.items():
         expected = {f"{b}.transformer_blocks.0.{p.removeprefix('*.')}" for b in COMPVIS_TO_DIFFUSERS_BLOCKS
-                    for p in TARGET_PATTERNS[t]}
+                    for p in patterns}
         if set(layers) == expected:
-            return t.value
+            return name
     return sorted(layers)
 
 
@@ -264,9 +260,7 @@ def save_lora(unet: nn.Module, path: str | Path, metadata: dict | None = None,
     (rank,) = {m.rank for m in layers.values()}
     (alpha,) = {m.alpha for m in layers.values()}
     targets = metadata.pop("targets", None) or describe_targets(list(layers))
-    if isinstance(targets, Targets):
-        targets = targets.value
-    elif not isinstance(targets, str):
+    if not isinstance(targets, str):
         targets = list(targets)
     lora = LoRAFile(LoRAFormat.MEDDAP, lora_state_dict(unet), rank, alpha,
                     meddap_metadata(rank, alpha, targets, **metadata))

@@ -14,14 +14,15 @@ Resize(224, bilinear) -> RandomCrop(224) -> random horizontal flip -> [-1, 1].
 `train_lora(cfg)` reads as six steps: 1 load, 2 freeze, 3 inject, 4 data,
 5 loop (with checkpoints and validation), 6 save. Every random draw of the
 run (adapter init, epoch order, crop, flip, posterior noise, t, ε) comes from
-one CPU generator seeded with `seed`, so a seed gives the same run on any device, and
-its state is part of each checkpoint: a run killed and resumed ends bit for
-bit where an uninterrupted one does (on the CPU; GPU kernels may not be
-deterministic).
+one CPU generator seeded with `seed`, so a seed gives the same draws on any
+device; the arithmetic on them is not the same (GPU kernels differ from the
+CPU's, and some are not deterministic). The generator's state is part of each
+checkpoint: on the CPU, a run killed and resumed ends bit for bit where an
+uninterrupted one does.
 """
 from __future__ import annotations
 
-import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from enum import Enum
@@ -30,16 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 
 from meddap.data.datasets import ImageSet, load_rgb, resolve_images
 from meddap.data.prompts import prompt_for
+from meddap.device import DEVICE_HELP, check_device_name, resolve_device, resolve_dtype
 from meddap.errors import MeddapError
-from meddap.io import atomic_path, sha256_bytes, write_text_atomic
-from meddap.lora.adapter import check_rank_alpha, inject_lora, lora_parameters, target_patterns
+from meddap.io import save_torch_atomic, sha256_bytes, truncate_log
+from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
 from meddap.lora.files import save_lora
 from meddap.models.vae import sample_posterior
 from meddap.progress import Progress, progress
+from meddap.settings import Label, as_dict, at_least, cli_label, multiple_of, setting, validate
 
 # AdamW settings of the authors' script (diffusers train_text_to_image_lora.py
 # defaults: --adam_beta1 0.9 --adam_beta2 0.999 --adam_weight_decay 1e-2
@@ -58,32 +60,47 @@ class MixedPrecision(Enum):
     FP16 = "fp16"   # frozen base in float16, adapters float32, loss scaling (the authors' setting)
     BF16 = "bf16"   # frozen base in bfloat16, adapters float32
 
+    @property
+    def dtype_name(self) -> str:
+        """The base model's dtype in meddap.device's names: fp32, fp16 or bf16."""
+        return "fp32" if self is MixedPrecision.NO else self.value
 
-@dataclass(frozen=True)
-class LoRARunConfig:
-    """One `meddap train-lora` run; the defaults are the paper's."""
-    checkpoint: str
-    data: str                                  # class-folder dir or SPLIT.json:FOLD:PART
-    out: str
-    rank: int = 4
-    alpha: float | None = None                 # None: alpha = rank (scale 1)
-    targets: str | tuple[str, ...] = "cross"   # "cross" (paper), "all" (released) or patterns
-    lr: float = 1e-4
-    epochs: int = 100
-    max_steps: int | None = None               # stop earlier (a later run with more resumes)
-    batch_size: int = 1
-    resolution: int = 224
-    seed: int = 42
-    device: str = "cpu"
-    mixed_precision: MixedPrecision = MixedPrecision.NO
-    gradient_checkpointing: bool = False
-    cache_latents: bool = False
-    checkpoint_every: int = 500
-    validate_every: int = 0                    # 0: no validation images
-    validation_prompts: tuple[str, ...] = ()   # empty: the training prompt of each class
-    validation_steps: int = 30
-    as_released: bool = False                  # released prompts ("... normal tumor in breast")
-    show_progress: bool = True
+
+def _check_lr(lr) -> str | None:
+    """A settings check: a learning rate in (0, 1]."""
+    return None if math.isfinite(lr) and 0 < lr <= 1 else "must be above 0 and at most 1 (the paper uses 1e-4)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRARunConfig(AdapterConfig):
+    """One `meddap train-lora` run (or the [lora] stage of `meddap run`); the defaults
+    are the paper's. rank, alpha and targets are declared in `AdapterConfig`."""
+    checkpoint: str = setting(help="SD v1 checkpoint (.ckpt/.safetensors/diffusers folder)")
+    data: str = setting(help="class-folder dataset or SPLIT.json:FOLD:PART")
+    out: str = setting(help="output folder (re-run the same command to resume)")
+    lr: float = setting(1e-4, help="AdamW learning rate, constant (paper: 1e-4)", check=_check_lr)
+    epochs: int = setting(100, help="passes over the data (paper: 100)", check=at_least(1))
+    max_steps: int | None = setting(None, help="stop after this many steps in all; a later run with "
+                                               "more resumes (None: no cap)", check=at_least(1))
+    batch_size: int = setting(1, help="images per step (paper: 1)", check=at_least(1))
+    resolution: int = setting(224, help="training size in pixels (paper: 224)",
+                              check=multiple_of(8, "the VAE downsamples by 8"))
+    seed: int = setting(42, help="seed of init, data order and noise (released: 42)", check=at_least(0))
+    device: str | None = setting(None, help=DEVICE_HELP, check=check_device_name)
+    mixed_precision: MixedPrecision = setting(
+        MixedPrecision.NO, help="base model dtype on a GPU; adapters stay float32 (released: fp16)")
+    gradient_checkpointing: bool = setting(False, help="recompute activations to save memory")
+    cache_latents: bool = setting(False, help="encode each image once (center crop, both flips): fixes "
+                                              "the crop, keeps flips and posterior sampling random")
+    checkpoint_every: int = setting(500, help="write a resumable state every N steps", check=at_least(1))
+    validate_every: int = setting(0, help="sample validation images every N steps (0: off)",
+                                  check=at_least(0))
+    validation_prompts: tuple[str, ...] = setting(
+        (), help="prompts for validation images (none given: each class's training prompt)")
+    validation_steps: int = setting(30, help="sampler steps for validation images", check=at_least(1))
+    as_released: bool = setting(False, help="use the released training captions "
+                                            "('an ultrasound photo of X tumor in breast')")
+    show_progress: bool = setting(True, help="draw progress bars", cli=False)   # the CLI has --quiet
 
 
 # Fields that fix the arithmetic of a run; a resume must agree on all of them.
@@ -91,56 +108,28 @@ _RESUME_FIELDS = ("rank", "alpha", "targets", "lr", "batch_size", "resolution", 
                   "mixed_precision", "cache_latents", "as_released")
 
 
-def run_args(cfg: LoRARunConfig) -> dict:
-    """The config as JSON-ready values (written into the adapter file's metadata)."""
-    out = dataclasses.asdict(cfg)
-    out["mixed_precision"] = cfg.mixed_precision.value
-    out["targets"] = cfg.targets if isinstance(cfg.targets, str) else list(cfg.targets)
-    out["validation_prompts"] = list(cfg.validation_prompts)
-    return out
-
-
-def _check_config(cfg: LoRARunConfig, device: torch.device) -> None:
-    check_rank_alpha(cfg.rank, cfg.alpha)
-    target_patterns(cfg.targets)
-    for name in ("epochs", "batch_size", "resolution", "checkpoint_every", "validation_steps"):
-        if getattr(cfg, name) < 1:
-            raise MeddapError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(cfg, name)}.")
-    if cfg.resolution % 8:
-        raise MeddapError(f"--resolution {cfg.resolution} is not a multiple of 8 (the VAE's "
-                          f"downsampling factor); the paper uses 224.")
-    if not cfg.lr > 0:
-        raise MeddapError(f"--lr must be positive; got {cfg.lr} (the paper uses 1e-4).")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise MeddapError(f"--max-steps must be at least 1; got {cfg.max_steps}.")
-    if cfg.validate_every < 0:
-        raise MeddapError(f"--validate-every must be 0 (off) or positive; got {cfg.validate_every}.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MeddapError(f"--device {cfg.device} asked, but torch sees no CUDA GPU here; use --device cpu.")
-    if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
-        raise MeddapError(f"--mixed-precision {cfg.mixed_precision.value} needs a CUDA device; "
-                          f"on {device} training runs in float32 (--mixed-precision no).")
-
-
-def _rng_states(rng: torch.Generator) -> dict:
-    """Every RNG state. The loop draws only from `rng`; the global ones are kept
-    too, so that resume stays exact if a layer ever draws from them."""
+def _rng_states(rng: torch.Generator, device: torch.device) -> dict:
+    """Every RNG state the run may draw from. The loop draws only from `rng`; the
+    global ones are kept too, so that resume stays exact if a layer ever draws from
+    them. Of the GPUs, only the training device's generator is kept."""
     np_state = np.random.get_state()
-    return {
+    states = {
         "loop": rng.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                   int(np_state[3]), float(np_state[4])),
     }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
-def _set_rng_states(rng: torch.Generator, s: dict) -> None:
+def _set_rng_states(rng: torch.Generator, s: dict, device: torch.device) -> None:
     rng.set_state(s["loop"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
     random.setstate(s["python"])
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -170,6 +159,10 @@ class TrainImages:
     """
 
     def __init__(self, image_set: ImageSet, resolution: int, show_progress: bool = True):
+        # torchvision is imported here, not at the top, so that reading LoRARunConfig
+        # (as `meddap --help` does) stays cheap.
+        import torchvision.transforms.functional as TF
+
         self.resolution = resolution
         self.classes = image_set.classes
         self.items = image_set.items
@@ -237,35 +230,47 @@ class TrainImages:
 
 
 def _resume_key(cfg: LoRARunConfig, base_sha256: str | None, images: TrainImages) -> dict:
-    key = {k: v for k, v in run_args(cfg).items() if k in _RESUME_FIELDS}
+    key = {k: v for k, v in as_dict(cfg).items() if k in _RESUME_FIELDS}
     key["base_sha256"] = base_sha256
     key["images"] = images.fingerprint()
     return key
 
 
 LOG_HEADER = "step,epoch,loss,lr\n"
+_STATE_KEYS = ("key", "step", "order", "lora", "optimizer", "scaler", "rng")
 
 
-def _restart_log(path: Path, step: int) -> None:
-    """Keep the log rows of steps 1..step (a killed run may have logged past its
-    last checkpoint; those steps are run again)."""
-    rows = path.read_text(encoding="utf-8").splitlines(keepends=True)[1:] if path.exists() else []
-    kept = [r for r in rows if r.endswith("\n") and int(r.split(",", 1)[0]) <= step]
-    write_text_atomic(path, LOG_HEADER + "".join(kept))
+def _read_state(path: Path) -> dict:
+    """The resumable state that `save_state` wrote, or a MeddapError naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torn by a crash, or not a plain-tensor file
+        raise MeddapError(f"resume checkpoint {path} cannot be read ({type(e).__name__}); "
+                          f"delete it to restart this run from step 0.") from e
+    if not isinstance(state, dict) or not set(_STATE_KEYS) <= set(state):
+        raise MeddapError(f"resume checkpoint {path} is not a train-lora state (one holds the entries "
+                          f"{', '.join(_STATE_KEYS)}); delete it to restart this run from step 0.")
+    return state
 
 
-def train_lora(cfg: LoRARunConfig) -> Path:
+def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     """Train adapters as configured; resume from `out/train_state.pt` if present.
-    Returns the path of the final adapter file `out/lora.safetensors`."""
+    Returns the path of the final adapter file `out/lora.safetensors`.
+
+    label: how errors name a setting: cli_label ("--max-steps") for `meddap train-lora`,
+    settings.toml_label("lora") ("[lora] max_steps") for `meddap run`.
+    """
     from meddap.models.stable_diffusion import load_stable_diffusion
     from meddap.sampling.schedule import NoiseSchedule
 
-    device = torch.device(cfg.device)
-    _check_config(cfg, device)
+    validate(cfg, label)   # a config built in Python has not been checked yet
+    device = resolve_device(cfg.device, label("device"))
+    if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
+        raise MeddapError(f"{label('mixed_precision')} {cfg.mixed_precision.value} needs a CUDA device; "
+                          f"on {device} training runs in float32 ({label('mixed_precision')} no).")
+    dtype = resolve_dtype(cfg.mixed_precision.dtype_name, device, label("mixed_precision"))
     image_set = check_image_set(cfg.data)   # cheap listing checks before the big load
     out = Path(cfg.out)
-    dtype = {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
-             MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]
 
     # 1. Load the base model (frozen weights in the training dtype).
     sd = load_stable_diffusion(cfg.checkpoint, device=device, dtype=dtype)
@@ -299,7 +304,7 @@ def train_lora(cfg: LoRARunConfig) -> Path:
 
     step, order = 0, torch.empty(0, dtype=torch.long)
     if (out / STATE_FILE).exists():
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _read_state(out / STATE_FILE)
         if state["key"] != key:
             changed = sorted(k for k in key if state["key"].get(k) != key[k])
             raise MeddapError(f"{out / STATE_FILE} belongs to a run with other settings "
@@ -310,17 +315,17 @@ def train_lora(cfg: LoRARunConfig) -> Path:
                 p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        _set_rng_states(rng, state["rng"])
+        _set_rng_states(rng, state["rng"], device)
         step, order = state["step"], state["order"]
-    _restart_log(out / LOG_FILE, step)
+    # A killed run may have logged past its last checkpoint; those steps are run again.
+    truncate_log(out / LOG_FILE, LOG_HEADER, keep=lambda row: int(row[0]) <= step)
 
     def save_state() -> None:
         state = {"key": key, "step": step, "order": order,
                  "lora": [p.detach().cpu().clone() for p in params],
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": _rng_states(rng)}
-        with atomic_path(out / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+                 "rng": _rng_states(rng, device)}
+        save_torch_atomic(state, out / STATE_FILE)
 
     # 5. Loop: MEDDAP Eq. 1 on one batch per step.
     bar = Progress(total=total, initial=step, desc="train-lora", enabled=cfg.show_progress)
@@ -355,9 +360,9 @@ def train_lora(cfg: LoRARunConfig) -> Path:
 
     # 6. Save the adapters (atomically) with their provenance.
     path = out / ADAPTER_FILE
-    save_lora(sd.unet, path, {"targets": run_args(cfg)["targets"], "base_sha256": sd.source_sha256,
-                              "base_config": sd.config.name, "training_args": run_args(cfg),
-                              "step": step})
+    args = {**as_dict(cfg), "device": str(device)}   # the device it ran on (cfg.device None: auto)
+    save_lora(sd.unet, path, {"targets": args["targets"], "base_sha256": sd.source_sha256,
+                              "base_config": sd.config.name, "training_args": args, "step": step})
     return path
 
 
