@@ -155,7 +155,7 @@ def test_matches_diffusers_stable_diffusion_pipeline(sampler, steps):
 def test_empty_prompt_tokens_and_metadata(tiny_sd):
     tokens, _ = encode_prompts(tiny_sd, [""])
     assert tokens[0].tolist() == [49406] + [49407] * 76       # SD's unconditional prompt
-    result = generate(tiny_sd, ["benign tumor"], [5], negative_prompt="blurry", sampler="ddim",
+    result = generate(tiny_sd, ["benign tumor"], [5], negative="blurry", sampler="ddim",
                       steps=1, guidance=3.0, show_progress=False, **SIZE)[0]
     assert result.image.mode == "RGB" and result.image.size == (SIZE["width"], SIZE["height"])
     meta = result.metadata
@@ -214,7 +214,8 @@ def test_cli_writes_images_and_manifest_and_resumes(tiny_checkpoint, tmp_path, c
     meta = read_png_metadata(out / "00001.png")
     assert meta["checkpoint_sha256"] == sha256_file(tiny_checkpoint)
     assert meta["index"] == 1 and meta["base_seed"] == 4 and meta["prompt"] == "benign tumor"
-    assert {k: v for k, v in rows[1].items() if k != "file"} == meta
+    assert {k: v for k, v in rows[1].items() if k not in ("file", "sha256")} == meta
+    assert rows[1]["sha256"] == sha256_file(out / "00001.png")
 
     first = np.asarray(Image.open(out / "00001.png"))
     (out / "00001.png").unlink()
@@ -250,19 +251,24 @@ def test_cli_with_lora_records_its_hash(tiny_checkpoint, tmp_path):
     assert read_png_metadata(out / "00000.png")["lora_sha256"] == sha256_file(lora)
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--height", "100", r"image height 100 is not a positive multiple of 8 pixels"),
-    ("--width", "0", r"image width 0 is not a positive multiple of 8 pixels"),
-    ("--steps", "0", r"number of sampling steps 0 is out of range; choose an integer from 1 to 1000"),
-    ("--steps", "1001", r"number of sampling steps 1001 is out of range"),
-    ("--sampler", "euler", r"unknown sampler 'euler'; choose one of ddpm, ddim, pndm"),
-    ("--dtype", "fp8", r"unknown --dtype 'fp8'; choose one of fp32, fp16, bf16"),
+@pytest.mark.parametrize("extra,message", [
+    (["--height", "100"], r"--height = 100 must be a positive multiple of 8 \(SD's VAE maps 8 x 8 pixels"),
+    (["--width", "0"], r"--width = 0 must be a positive multiple of 8"),
+    (["--steps", "0"], r"--steps = 0 is out of range; use a value from 1 to 1000\."),
+    (["--steps", "1001"], r"--steps = 1001 is out of range"),
+    (["--dtype", "fp8"], r"--dtype = 'fp8' is not a dtype; choose one of fp32, fp16, bf16\."),
+    (["--guidance", "-5"], r"--guidance = -5 is out of range; use a value from 0 to 100\."),
+    (["--guidance", "nan"], r"--guidance = nan is not a finite number\."),
+    (["--seed", "-1"], r"--seed = -1 must be at least 0\."),
+    (["--n", "0"], r"--n = 0 must be at least 1\."),
+    (["--sampler", "pndm", "--eta", "0.5"],
+     r"--eta = 0.5 applies to the ddim sampler only; --sampler = 'pndm' takes no eta \(leave it at 0\)\."),
 ])
-def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, flag, value, message):
-    args = _sample_args(tiny_checkpoint, tmp_path / "gen")
-    args = args + [flag, value]                                   # the last occurrence wins
+def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, extra, message):
+    args = _sample_args(tiny_checkpoint, tmp_path / "gen") + extra   # the last occurrence wins
     assert main(args) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "gen").exists()                           # refused before any work
 
 
 def test_cli_unwritable_output_folder(tiny_checkpoint, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Command-line entry points of meddap.data (registered by meddap.cli):
 
     meddap dataset-info DIR [--json] [--strict]
-    meddap split DATA --out split.json [--val 115] [--test 120] [--folds 5] [--seed 0] [--strict]
+    meddap split DATA --out split.json [--val 115] [--test 120] [--folds 5] [--seed 0] [--strict] [--force]
     meddap leakage A [B] [--json] [--max-hamming 48]
     meddap phantom --out DIR [--seed 0] [--site a|b] [--size 256] [--counts benign=437,...]
     meddap expand --checkpoint PATH --lora PATH --data DIR_OR_SPLIT --out OUT [options]
@@ -12,19 +12,15 @@ import json
 import sys
 from pathlib import Path
 
+from meddap import settings
+from meddap.data.datasets import describe, resolve_images
+from meddap.data.hashing import NEAR_DUPLICATE_HAMMING, cross_duplicates, hash_file
+from meddap.data.phantom import Site, parse_counts, write_phantom
+from meddap.data.splits import SplitConfig, write_split
 from meddap.errors import MeddapError
 
 
-def _max_hamming(args) -> int:
-    """--max-hamming, defaulting to hashing.NEAR_DUPLICATE_HAMMING."""
-    from meddap.data.hashing import NEAR_DUPLICATE_HAMMING
-
-    return NEAR_DUPLICATE_HAMMING if args.max_hamming is None else args.max_hamming
-
-
 def _dataset_info(args) -> int:
-    from meddap.data.datasets import describe, resolve_images
-
     info = describe(resolve_images(args.data, check=True, strict=args.strict))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -41,11 +37,9 @@ def _dataset_info(args) -> int:
 
 
 def _split(args) -> int:
-    from meddap.data.splits import SplitConfig, write_split
-
-    cfg = SplitConfig(val=args.val, test=args.test, folds=args.folds, seed=args.seed,
-                      max_hamming=_max_hamming(args))
-    m = write_split(args.data, args.out, cfg, strict=args.strict, show_progress=not args.quiet)
+    cfg = settings.from_args(SplitConfig, args)
+    m = write_split(args.data, args.out, cfg, strict=args.strict, show_progress=not args.quiet,
+                    replace=args.force)
     print(f"{args.out}: {cfg.folds} folds of {m['n_images']} images, "
           f"{len(m['duplicate_groups'])} duplicate groups kept together, test sets "
           f"{'disjoint' if m['test_sets_disjoint'] else 'OVERLAPPING (too few images for disjoint folds)'}")
@@ -62,9 +56,6 @@ def _split(args) -> int:
 def _leakage_pairs(a_spec: str, b_spec: str, max_hamming: int, cache: dict) -> list[dict]:
     """Duplicate pairs between two folders/split parts; `cache` maps a path to
     its FileHash (or None when unreadable) so each file is hashed once."""
-    from meddap.data.datasets import resolve_images
-    from meddap.data.hashing import cross_duplicates, hash_file
-
     hashed = []
     for spec in (a_spec, b_spec):
         hashes, labels, bad = [], [], []
@@ -105,7 +96,7 @@ def _leakage(args) -> int:
         checks = [(args.a, args.b)]
     report, cache = [], {}
     for a, b in checks:
-        pairs = _leakage_pairs(a, b, _max_hamming(args), cache)
+        pairs = _leakage_pairs(a, b, args.max_hamming, cache)
         report.append({"a": a, "b": b, "duplicates": pairs})
     if args.json:
         print(json.dumps(report, indent=2))
@@ -119,8 +110,6 @@ def _leakage(args) -> int:
 
 
 def _phantom(args) -> int:
-    from meddap.data.phantom import Site, parse_counts, write_phantom
-
     site = Site(args.site)
     counts = parse_counts(args.counts) if args.counts else None
     record = write_phantom(args.out, args.seed, site, args.size, counts, show_progress=not args.quiet)
@@ -131,43 +120,26 @@ def _phantom(args) -> int:
 
 
 def _expand(args) -> int:
-    from meddap.data.expand import expand_from_args
+    from meddap.data.expand import ExpandConfig, expand
+    from meddap.sampling.generation import MANIFEST_NAME
 
-    return expand_from_args(args)
+    cfg = settings.from_args(ExpandConfig, args)
+    summary = expand(cfg)
+    if summary and not cfg.quiet:
+        print(f"meddap expand: {summary['n_files']} files in {cfg.out}; manifest "
+              f"{Path(cfg.out) / MANIFEST_NAME}", file=sys.stderr)
+    return 0
 
 
 def _add_expand(sub) -> None:
+    from meddap.data.expand import ExpandConfig
+
     p = sub.add_parser("expand", help="generate the expanded training sets (MEDDAP section 3.3)",
                        description="Generate int(count x ratio) synthetic images per class and "
                                    "adjective into OUT/{adjective|no_adjective}/ratio_{r}/train/"
                                    "{class}/, with a JSONL manifest. Re-run to resume; launch with "
                                    "torchrun to share the work between processes.")
-    p.add_argument("--checkpoint", required=True, help="SD v1 .ckpt/.safetensors file or diffusers folder")
-    p.add_argument("--lora", default=None, help="USLoRA adapter file (meddap or diffusers format)")
-    p.add_argument("--data", required=True, help="real training images: folder or SPLIT.json:FOLD:train")
-    p.add_argument("--out", required=True, help="output folder (created; resumable)")
-    p.add_argument("--ratios", default="0.5,1,2", help="synthetic/real per class (default 0.5,1,2)")
-    p.add_argument("--adjectives", default="none,colorful,stylized,high-contrast,low-contrast,"
-                                           "posterized,sheared,solarized,bright,dark",
-                   help="comma-separated (default: the ten of MEDDAP Table 1)")
-    p.add_argument("--copy-real", action="store_true", dest="copy_real",
-                   help="also put the real images in each training folder (released code's copy flag)")
-    p.add_argument("--as-released", action="store_true", dest="as_released",
-                   help="bug reproduction: the released code's glued prompts ('colorfulan ultrasound "
-                        "photo of ...'); default: the paper's prompt")
-    p.add_argument("--negative", default="", help='negative prompt (default "")')
-    p.add_argument("--sampler", default="pndm", help="pndm | ddim | ddpm (default pndm)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
-    p.add_argument("--height", type=int, default=512, help="multiple of 8 (default 512)")
-    p.add_argument("--width", type=int, default=512, help="multiple of 8 (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=1, dest="batch_size",
-                   help="images per UNet call (default 1)")
-    p.add_argument("--device", default=None,
-                   help="e.g. cuda, cuda:1, cpu (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings.add_arguments(p, ExpandConfig)
     p.set_defaults(func=_expand)
 
 
@@ -186,14 +158,9 @@ def register(subparsers) -> None:
                                           "defaults are the paper's 545/115/120 x 5 folds.")
     p.add_argument("data", help="folder of class folders")
     p.add_argument("--out", required=True, help="manifest to write (JSON)")
-    p.add_argument("--val", type=int, default=115, help="validation images per fold (default 115)")
-    p.add_argument("--test", type=int, default=120, help="test images per fold (default 120)")
-    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-hamming", type=int, default=None,
-                   help="pHash distance (of 256 bits) up to which images are near duplicates "
-                        "(default 48; -1: exact copies only)")
+    settings.add_arguments(p, SplitConfig)
     p.add_argument("--strict", action="store_true", help="an unreadable file is an error")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that holds another split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_split)
 
@@ -203,7 +170,8 @@ def register(subparsers) -> None:
                                           "check train/val/test of every fold. Exit code 1 if any.")
     p.add_argument("a", help="folder, SPLIT.json:FOLD:PART, or a split manifest alone")
     p.add_argument("b", nargs="?", help="folder or SPLIT.json:FOLD:PART")
-    p.add_argument("--max-hamming", type=int, default=None, help="near-duplicate pHash distance (default 48)")
+    p.add_argument("--max-hamming", type=int, default=NEAR_DUPLICATE_HAMMING,
+                   help=f"near-duplicate pHash distance (default {NEAR_DUPLICATE_HAMMING}; -1: exact copies only)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_leakage)
 

@@ -16,15 +16,18 @@ not sampled again. Adjectives share seeds too: "colorful" image i and "dark"
 image i start from the same noise, a paired design whose only difference is
 the prompt.
 
-Work is cut into fixed batches of the canonical job order (adjective, class,
-i); under `torchrun` (WORLD_SIZE > 1) batch k goes to rank k mod WORLD_SIZE,
-so every image is sampled in the same batch as in a one-process run and the
-union of the ranks' files equals it byte for byte.
+The sampled images are written by the one generation path,
+`meddap.sampling.generation.write_images`, and resume by its rule: fixed
+chunks of --batch-size in the canonical job order (adjective, class, i); a
+chunk whose files all hash to their manifest lines, made with these settings,
+is kept, any other is sampled again whole. Under `torchrun` (WORLD_SIZE > 1)
+chunk k goes to rank k mod WORLD_SIZE, so every image is sampled in the same
+batch as in a one-process run and the union of the ranks' files equals it
+byte for byte.
 
-Resume: each rank appends to its own OUT/manifest.rank{r}.jsonl; a re-run
-keeps an image whose bytes hash to its manifest line and whose settings
-match, and makes the rest again (a torn or edited file fails the hash). At
-the end rank 0 merges the lines into OUT/manifest.jsonl.
+Each rank appends to its own OUT/manifest.rank{r}.jsonl; at the end rank 0
+merges the lines into OUT/manifest.jsonl. The links of smaller ratios and the
+--copy-real images are checked by their hashes too and made again when wrong.
 """
 from __future__ import annotations
 
@@ -32,46 +35,85 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from meddap.data.prompts import ADJECTIVES, NO_ADJECTIVE, prompt_for, unknown_adjectives
 from meddap.errors import MeddapError
+from meddap.sampling.generation import MANIFEST_NAME, GenerationConfig
+from meddap.settings import above, as_dict, at_least, nonempty_each, setting, validate
 
-MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "expand.json"
 NO_ADJECTIVE_FOLDER = "no_adjective"
-DTYPES = ("fp32", "fp16", "bf16")
 BARRIER_TIMEOUT = timedelta(hours=48)      # ranks may finish far apart after a resume
 
 
-@dataclass(frozen=True)
-class ExpandConfig:
-    """One `meddap expand` run. Defaults: paper's ratios and Table 1's adjectives;
-    generation settings of the released code (PNDM, 30 steps, guidance 7.5,
-    512 x 512; they ran fp16, we default to fp32 for reproducibility)."""
-    checkpoint: str
-    data: str
-    out: str
-    lora: str | None = None
-    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    adjectives: tuple[str, ...] = ADJECTIVES
-    copy_real: bool = False
-    as_released: bool = False
-    negative: str = ""
-    sampler: str = "pndm"
-    steps: int = 30
-    guidance: float = 7.5
-    height: int = 512
-    width: int = 512
-    seed: int = 0
-    batch_size: int = 1
-    device: str | None = None
-    dtype: str = "fp32"
-    quiet: bool = False
+def parse_ratios(value) -> tuple[float, ...]:
+    """"0.5,1,2" (the command line) or [0.5, 1, 2] (a config file) -> (0.5, 1.0, 2.0)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(items, (list, tuple)) or any(isinstance(r, bool) for r in items):
+            raise ValueError
+        return tuple(float(r) for r in items if str(r).strip())
+    except ValueError:
+        raise MeddapError(f"ratios {value!r} is not a comma-separated list of numbers; "
+                          f"e.g. 0.5,1,2.") from None
+
+
+def parse_adjectives(value) -> tuple[str, ...]:
+    """"none,dark" or ["none", "dark"] -> ("none", "dark"), whitespace collapsed."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(a, str) for a in items):
+        raise MeddapError(f"adjectives {value!r} is not a comma-separated list of words; "
+                          f"e.g. none,colorful,dark.")
+    return tuple(" ".join(a.split()) for a in items if a.strip())
+
+
+def _twice(names: list[str]) -> str | None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    return f"lists {', '.join(dup)} more than once" if dup else None
+
+
+def _check_ratios(ratios: tuple[float, ...]) -> str | None:
+    return (nonempty_each(above(0), "0.5,1,2 (the paper's)")(ratios)
+            or _twice([ratio_folder(r) for r in ratios]))
+
+
+def _folder_word(adjective: str) -> str | None:
+    """An adjective names a folder of OUT: not empty, no '/', no leading '.' (so not '..')."""
+    if not adjective.strip() or "/" in adjective or adjective.startswith("."):
+        return "cannot name a folder (give a word without '/' and without a leading '.')"
+    return None
+
+
+def _check_adjectives(adjectives: tuple[str, ...]) -> str | None:
+    return (nonempty_each(_folder_word, f"none,{','.join(ADJECTIVES[1:3])}")(adjectives)
+            or _twice([adjective_folder(a) for a in adjectives]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpandConfig(GenerationConfig):
+    """One `meddap expand` run. Defaults: the paper's ratios (50, 100, 200 per cent)
+    and Table 1's adjectives; the generation settings are GenerationConfig's (the
+    authors')."""
+    checkpoint: str = setting(help="SD v1 .ckpt/.safetensors file or diffusers folder")
+    data: str = setting(help="real training images: folder or SPLIT.json:FOLD:train")
+    out: str = setting(help="output folder (created; re-run the same command to resume)")
+    lora: str | None = setting(None, help="USLoRA adapter file (meddap or diffusers format)")
+    ratios: tuple[float, ...] = setting((0.5, 1.0, 2.0), parse=parse_ratios, check=_check_ratios,
+                                        help="synthetic/real images per class, comma-separated")
+    adjectives: tuple[str, ...] = setting(ADJECTIVES, parse=parse_adjectives, check=_check_adjectives,
+                                          help="comma-separated, MEDDAP Table 1's ten by default; "
+                                               "none: the plain prompt")
+    copy_real: bool = setting(False, help="also put the real images in each training folder "
+                                          "(the released code's copy flag)")
+    as_released: bool = setting(False, help="bug reproduction: the released code's glued prompts "
+                                            "('colorfulan ultrasound photo of ...'); default: the "
+                                            "paper's prompt")
+    seed: int = setting(0, check=at_least(0), help="base seed")
+    quiet: bool = setting(False, help="no progress bar")
 
 
 def adjective_folder(adjective: str) -> str:
@@ -94,58 +136,6 @@ def class_seed(base_seed: int, class_name: str) -> int:
     from meddap.sampling.text_to_image import image_seed
     key = int.from_bytes(hashlib.sha256(class_name.encode("utf-8")).digest()[:4], "big")
     return image_seed(base_seed, key)
-
-
-def parse_ratios(text: str) -> tuple[float, ...]:
-    try:
-        ratios = tuple(float(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        raise MeddapError(f"--ratios {text!r} is not a comma-separated list of numbers; "
-                          f"e.g. 0.5,1,2.") from None
-    return ratios
-
-
-def parse_adjectives(text: str) -> tuple[str, ...]:
-    return tuple(" ".join(a.split()) for a in text.split(",") if a.strip())
-
-
-def check_config(cfg: ExpandConfig) -> None:
-    """Reject bad settings before any weights load; warn about unknown adjectives."""
-    from meddap.sampling.samplers import Sampler, check_num_steps
-    from meddap.sampling.text_to_image import check_guidance, check_size
-    if not cfg.ratios:
-        raise MeddapError("--ratios is empty; give e.g. 0.5,1,2.")
-    bad = [r for r in cfg.ratios if not r > 0 or r != r or r == float("inf")]
-    if bad:
-        raise MeddapError(f"--ratios {', '.join(f'{r:g}' for r in bad)}: every ratio must be a "
-                          f"finite number above 0 (the paper: 0.5, 1, 2).")
-    for what, values in (("--ratios", [ratio_folder(r) for r in cfg.ratios]),
-                         ("--adjectives", [adjective_folder(a) for a in cfg.adjectives])):
-        dup = sorted({v for v in values if values.count(v) > 1})
-        if dup:
-            raise MeddapError(f"{what} lists {', '.join(dup)} more than once.")
-    if not cfg.adjectives:
-        raise MeddapError(f"--adjectives is empty; give e.g. none,{','.join(ADJECTIVES[1:3])}.")
-    for a in cfg.adjectives:
-        if "/" in a or a.startswith("."):
-            raise MeddapError(f"adjective {a!r} cannot name a folder; avoid '/' and a leading '.'.")
-    unknown = unknown_adjectives(list(cfg.adjectives))
-    if unknown:
-        warnings.warn(f"adjective(s) {', '.join(unknown)} are not among MEDDAP Table 1's "
-                      f"({', '.join(ADJECTIVES)}); using them as written.", stacklevel=2)
-    Sampler.parse(cfg.sampler)
-    check_num_steps(cfg.steps)
-    check_size(cfg.height, cfg.width)
-    check_guidance(cfg.guidance)
-    if cfg.dtype not in DTYPES:
-        raise MeddapError(f"unknown --dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}.")
-    if cfg.batch_size < 1:
-        raise MeddapError(f"--batch-size {cfg.batch_size} must be at least 1.")
-    if not Path(cfg.checkpoint).exists():
-        raise MeddapError(f"checkpoint {cfg.checkpoint} does not exist; give a SD v1 "
-                          f".ckpt/.safetensors file or a diffusers folder.")
-    if cfg.lora is not None and not Path(cfg.lora).is_file():
-        raise MeddapError(f"LoRA file {cfg.lora} does not exist.")
 
 
 @dataclass(frozen=True)
@@ -200,28 +190,12 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
-def _verified(out: Path, rows: dict[str, dict], file: str, expected: dict) -> bool:
-    """True when OUT/file exists and hashes to its manifest line, and that line
-    has this run's settings; a file made with other settings is an error."""
+def _same_bytes(out: Path, rows: dict[str, dict], file: str, sha256: str) -> bool:
+    """True when OUT/file exists, its line on record says `sha256` and its bytes hash to it."""
     from meddap.io import sha256_file
     row, path = rows.get(file), out / file
-    if row is None or not path.is_file() or sha256_file(path) != row.get("sha256"):
-        return False                       # missing, torn or edited: make it again
-    diff = [k for k in expected if row.get(k) != expected[k]]
-    if diff:
-        raise MeddapError(f"{path} was made with other settings ({diff[0]}: {row.get(diff[0])!r}, "
-                          f"this run: {expected[diff[0]]!r}); use another --out folder or delete it.")
-    return True
-
-
-def _read_manifests(out: Path) -> dict[str, dict]:
-    """The last line per file of OUT/manifest.jsonl and every rank's shard."""
-    from meddap.io import read_jsonl
-    rows: dict[str, dict] = {}
-    for path in [out / MANIFEST_NAME, *sorted(out.glob("manifest.rank*.jsonl"))]:
-        for row in read_jsonl(path):
-            rows[row["file"]] = row
-    return rows
+    return row is not None and row.get("sha256") == sha256 and path.is_file() \
+        and sha256_file(path) == sha256
 
 
 def _copy_real(cfg: ExpandConfig, out: Path, image_set, rows: dict[str, dict], shard: Path) -> None:
@@ -232,7 +206,7 @@ def _copy_real(cfg: ExpandConfig, out: Path, image_set, rows: dict[str, dict], s
         for adj in cfg.adjectives:
             for r in cfg.ratios:
                 file = f"{_folder(adj, r, item.label)}/real_{item.path.name}"
-                if _verified(out, rows, file, {"sha256": sha}):
+                if _same_bytes(out, rows, file, sha):
                     continue
                 _place(item.path, out / file)
                 rows[file] = {"file": file, "sha256": sha, "source": "real",
@@ -243,87 +217,56 @@ def _copy_real(cfg: ExpandConfig, out: Path, image_set, rows: dict[str, dict], s
 
 def expand(cfg: ExpandConfig) -> dict:
     """Run `meddap expand` (this rank's share); rank 0 returns the summary."""
-    check_config(cfg)
-    import torch
-
     from meddap.data.datasets import resolve_images
     from meddap.io import append_jsonl, sha256_file, write_json_atomic, write_text_atomic
-    from meddap.models.stable_diffusion import load_stable_diffusion
-    from meddap.progress import Progress
-    from meddap.sampling.samplers import Sampler
-    from meddap.sampling.text_to_image import generate, write_png
+    from meddap.sampling.generation import (ImageJob, check_model_files, load_model, manifest_rows,
+                                            output_folder, write_images)
 
+    validate(cfg)
+    unknown = unknown_adjectives(list(cfg.adjectives))
+    if unknown:
+        warnings.warn(f"adjective(s) {', '.join(unknown)} are not among MEDDAP Table 1's "
+                      f"({', '.join(ADJECTIVES)}); using them as written.", stacklevel=2)
+    check_model_files(cfg.checkpoint, cfg.lora)       # before any weights load
     # 1. Data: the real training images and their class counts.
     image_set = resolve_images(cfg.data)
     if not image_set.items:
         raise MeddapError(f"--data {cfg.data} holds no images; expansion sizes are ratios of it.")
     counts = {c: n for c, n in image_set.counts().items() if n > 0}
-    # 2. Model on this rank's device.
+    # 2. Model on this rank's device (meddap.device: cuda:LOCAL_RANK under torchrun).
     rank, world = _distributed()
-    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-                            if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
-    sd = load_stable_diffusion(cfg.checkpoint, device=device, dtype=dtype)
-    if cfg.lora is not None:
-        from meddap.lora import load_lora
-        load_lora(sd.unet, cfg.lora)
-        sd.lora_sha256 = sha256_file(cfg.lora)
-    settings = {"negative_prompt": cfg.negative, "sampler": Sampler.parse(cfg.sampler).value,
-                "steps": cfg.steps, "guidance": float(cfg.guidance), "height": cfg.height,
-                "width": cfg.width, "checkpoint_sha256": sd.source_sha256,
-                "lora_sha256": getattr(sd, "lora_sha256", None)}
-    # 3. This rank's batches of the canonical plan; keep what a run before finished.
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    sd = load_model(cfg.checkpoint, cfg.lora, cfg.device, cfg.dtype)
+    # 3. The real images (rank 0), then this rank's chunks of the canonical plan.
+    out = output_folder(cfg.out)
     shard = out / f"manifest.rank{rank}.jsonl"
-    rows = _read_manifests(out)
     if rank == 0 and cfg.copy_real:
-        _copy_real(cfg, out, image_set, rows, shard)
+        _copy_real(cfg, out, image_set, manifest_rows(out), shard)
     jobs = plan(cfg, counts)
-    batches = [jobs[s:s + cfg.batch_size] for s in range(0, len(jobs), cfg.batch_size)]
-    mine = [b for k, b in enumerate(batches) if k % world == rank]
-    n_mine = sum(len(b) for b in mine)
-    bar = Progress(total=n_mine, desc=f"expand (rank {rank}/{world})" if world > 1 else "expand",
-                   enabled=not cfg.quiet)
-    for batch in mine:
-        expected = [{**settings, "prompt": j.prompt, "seed": j.seed} for j in batch]
-        missing = [k for k, j in enumerate(batch)
-                   if not _verified(out, rows, j.files[0][1], expected[k])]
-        if missing:
-            # The whole batch is sampled again so that each image sees the batch it
-            # had in an uninterrupted run (float rounding may depend on it).
-            results = generate(sd, [j.prompt for j in batch], [j.seed for j in batch],
-                               negative_prompt=cfg.negative, sampler=cfg.sampler, steps=cfg.steps,
-                               guidance=cfg.guidance, height=cfg.height, width=cfg.width,
-                               batch_size=len(batch), show_progress=False)
-            for k in missing:
-                j, result = batch[k], results[k]
-                ratio, file = j.files[0]
-                meta = {**result.metadata, "adjective": j.adjective, "class": j.label,
-                        "index": j.index, "base_seed": cfg.seed, "as_released": cfg.as_released}
-                write_png(out / file, result.image, meta)
-                rows[file] = {"file": file, "sha256": sha256_file(out / file), "source": "synthetic",
-                              "ratio": ratio, **{key: meta[key] for key in (
-                                  "prompt", "seed", "adjective", "class", "index", "as_released",
-                                  *settings)}}
+    made = write_images(
+        sd, cfg, [ImageJob(file=j.files[0][1], prompt=j.prompt, seed=j.seed,
+                           meta={"source": "synthetic", "adjective": j.adjective, "class": j.label,
+                                 "index": j.index, "base_seed": cfg.seed, "as_released": cfg.as_released})
+                  for j in jobs],
+        out, manifest=shard, chunk_filter=lambda k: k % world == rank,
+        desc=f"expand (rank {rank}/{world})" if world > 1 else "expand", quiet=cfg.quiet)
+    # 4. Smaller ratios: links to the images this rank kept or made.
+    rows = manifest_rows(out)
+    for j in jobs:
+        primary = made.get(j.files[0][1])
+        if primary is None:
+            continue                                  # another rank's image
+        for _, file in j.files[1:]:
+            if not _same_bytes(out, rows, file, primary["sha256"]):
+                _place(out / primary["file"], out / file)
+                rows[file] = {**primary, "file": file}
                 append_jsonl(shard, rows[file])
-        for k, j in enumerate(batch):
-            primary = rows[j.files[0][1]]
-            for ratio, file in j.files[1:]:
-                if not _verified(out, rows, file, expected[k]) or \
-                        rows[file]["sha256"] != primary["sha256"]:
-                    _place(out / j.files[0][1], out / file)
-                    rows[file] = {**primary, "file": file, "ratio": ratio}
-                    append_jsonl(shard, rows[file])
-        bar.update(len(batch), postfix=f"{len(missing)} new" if missing else "kept")
-    bar.close()
-    # 4. Rank 0 merges every rank's lines into one manifest (files that verify).
+    # 5. Rank 0 merges every rank's lines into one manifest (files that verify).
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
     summary = {}
     if rank == 0:
-        merged = _read_manifests(out)
+        merged = manifest_rows(out)
         planned = {f for j in jobs for _, f in j.files}
         if cfg.copy_real:
             planned |= {f"{_folder(a, r, it.label)}/real_{it.path.name}"
@@ -338,7 +281,8 @@ def expand(cfg: ExpandConfig) -> dict:
         for stale in out.glob("manifest.rank*.jsonl"):
             stale.unlink()
         summary = {
-            "settings": {**asdict(cfg), "world_size": world}, **settings,
+            "settings": {**as_dict(cfg), "world_size": world},
+            "checkpoint_sha256": sd.source_sha256, "lora_sha256": sd.lora_sha256,
             "data_counts": counts, "n_files": len(lines),
             "synthetic_counts": {adjective_folder(a): {ratio_folder(r): {c: int(n * r)
                                  for c, n in counts.items()} for r in cfg.ratios}
@@ -350,18 +294,3 @@ def expand(cfg: ExpandConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
-
-def expand_from_args(args) -> int:
-    cfg = ExpandConfig(
-        checkpoint=args.checkpoint, data=args.data, out=args.out, lora=args.lora,
-        ratios=parse_ratios(args.ratios), adjectives=parse_adjectives(args.adjectives),
-        copy_real=args.copy_real, as_released=args.as_released, negative=args.negative,
-        sampler=args.sampler, steps=args.steps, guidance=args.guidance, height=args.height,
-        width=args.width, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, quiet=args.quiet)
-    summary = expand(cfg)
-    if summary and not cfg.quiet:
-        print(f"meddap expand: {summary['n_files']} files in {cfg.out}; manifest "
-              f"{Path(cfg.out) / MANIFEST_NAME}", file=sys.stderr)
-    return 0

@@ -1,4 +1,5 @@
-"""Noise schedule, samplers (DDPM, DDIM, PLMS) and text-to-image generation."""
+"""Noise schedule, samplers (DDPM, DDIM, PLMS), text-to-image, and the one generation
+path of every command (generation.py: config, model loading, resumable image writing)."""
 from meddap.sampling.samplers import Sampler, denoise
 
 __all__ = ["Sampler", "denoise"]

@@ -22,7 +22,6 @@ VAE and text encoder run in the model's dtype.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,46 +31,31 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from meddap.errors import MeddapError
-from meddap.io import atomic_path
+from meddap.io import atomic_path, stream_seed
 from meddap.progress import Progress
-from meddap.sampling.samplers import Sampler, check_eta, check_num_steps, denoise, draw_noise
+from meddap.sampling.generation import LATENT_DOWNSAMPLING, GenerationConfig
+from meddap.sampling.samplers import Sampler, denoise, draw_noise
+from meddap.settings import validate
 
-# Guidance scale s of the MEDDAP authors' generation (diffusers
-# StableDiffusionPipeline default `guidance_scale=7.5`).
-DEFAULT_GUIDANCE = 7.5
-# Pixels per latent cell: SD v1's VAE downsamples three times (2^3).
-LATENT_DOWNSAMPLING = 8
-# image_seed(S, k) = (S · 1_000_003 + k) mod 2^63: a prime multiplier keeps the
-# seed ranges of nearby base seeds apart for runs of up to a million images.
-_SEED_MULTIPLIER = 1_000_003
-_SEED_MODULUS = 2 ** 63
+# Longest excerpt of a prompt a warning quotes.
+_QUOTE_CHARS = 80
 
 
 def image_seed(base_seed: int, index: int) -> int:
-    """The seed of image `index` in a run with `base_seed`: (base_seed·1_000_003 + index) mod 2^63."""
-    return (int(base_seed) * _SEED_MULTIPLIER + int(index)) % _SEED_MODULUS
+    """The seed of image `index` in a run with `base_seed`: meddap.io.stream_seed, the one
+    per-stream seed rule, (base_seed·1_000_003 + index) mod 2^63."""
+    return stream_seed(base_seed, index)
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
     image: Image.Image   # RGB, height x width
-    metadata: dict       # provenance; see `generate`
+    metadata: dict       # provenance; see `TextToImage.__call__`
 
 
-def check_size(height: int, width: int) -> None:
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) \
-                or value < LATENT_DOWNSAMPLING or value % LATENT_DOWNSAMPLING:
-            raise MeddapError(f"image {name} {value!r} is not a positive multiple of "
-                              f"{LATENT_DOWNSAMPLING} pixels; use e.g. 224 or 512.")
-
-
-def check_guidance(guidance: float) -> float:
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) \
-            or not math.isfinite(guidance):
-        raise MeddapError(f"guidance scale {guidance!r} is not a finite number; "
-                          f"use e.g. {DEFAULT_GUIDANCE} (1 = no guidance).")
-    return float(guidance)
+def _quote(text: str) -> str:
+    """`text` as a warning quotes it: at most _QUOTE_CHARS characters, cut with an ellipsis."""
+    return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS - 1] + "…"
 
 
 def encode_prompts(sd, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +67,8 @@ def encode_prompts(sd, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, dropped = sd.text_encoder.tokenize_with_dropped(texts)    # (B, 77)
     for text, cut in zip(texts, dropped):
         if cut:
-            warnings.warn(f"prompt {text!r} is longer than the text encoder's 77 tokens; "
-                          f"these words were dropped: {cut!r}", stacklevel=3)
+            warnings.warn(f"prompt {_quote(text)!r} is longer than the text encoder's 77 tokens; "
+                          f"these words were dropped: {_quote(cut)!r}", stacklevel=3)
     with torch.no_grad():
         hidden = sd.text_encoder(tokens.to(sd.device))                 # (B, 77, D)
     return tokens, hidden
@@ -118,57 +102,67 @@ def latents_to_images(sd, z0: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]      # RGB
 
 
-def generate(sd, prompts: list[str], seeds: list[int], *, negative_prompt: str = "",
-             sampler: "str | Sampler" = "pndm", steps: int = 30, guidance: float = DEFAULT_GUIDANCE,
-             height: int = 512, width: int = 512, eta: float = 0.0, batch_size: int = 1,
-             show_progress: bool = True) -> list[GeneratedImage]:
+class TextToImage:
+    """Samples batches of images with one model and one checked GenerationConfig;
+    the negative prompt is encoded once, here. `settings` is the provenance every
+    image of it shares."""
+
+    def __init__(self, sd, cfg: GenerationConfig):
+        self.sd, self.cfg = sd, cfg
+        _, self.negative_hidden = encode_prompts(sd, [cfg.negative])          # (1, 77, D)
+        self.latent_shape = (sd.config.unet.in_channels,                     # (4, H/8, W/8)
+                             cfg.height // LATENT_DOWNSAMPLING, cfg.width // LATENT_DOWNSAMPLING)
+        self.settings = {
+            "negative_prompt": cfg.negative, "sampler": cfg.sampler.value, "steps": cfg.steps,
+            "guidance": float(cfg.guidance), "eta": float(cfg.eta), "height": cfg.height,
+            "width": cfg.width, "checkpoint_sha256": sd.source_sha256, "lora_sha256": sd.lora_sha256,
+        }
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[GeneratedImage]:
+        """One batch: image b from prompts[b] and a CPU generator seeded seeds[b].
+
+        metadata: prompt, token_ids (77 ints), seed, and `settings`: negative_prompt,
+        sampler, steps, guidance, eta, height, width, checkpoint_sha256
+        (`sd.source_sha256`), lora_sha256 (`sd.lora_sha256`, None without adapters).
+        """
+        sd, cfg = self.sd, self.cfg
+        seeds = [int(s) for s in seeds]
+        B = len(prompts)
+        tokens, cond = encode_prompts(sd, list(prompts))                    # (B, 77), (B, 77, D)
+        uncond = self.negative_hidden.expand(B, -1, -1)                     # (B, 77, D)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        z_T = draw_noise(torch.empty((B, *self.latent_shape), device=sd.device), generators)  # (B, 4, h, w)
+        eps_fn = guided_eps(sd.unet, uncond, cond, float(cfg.guidance))
+        z0 = denoise(eps_fn, z_T, scheduler=cfg.sampler, num_steps=cfg.steps, eta=float(cfg.eta),
+                     generator=generators)                                  # (B, 4, h, w) float32
+        return [GeneratedImage(image=image, metadata={"prompt": prompts[b], "token_ids": tokens[b].tolist(),
+                                                      "seed": seeds[b], **self.settings})
+                for b, image in enumerate(latents_to_images(sd, z0))]
+
+
+def generate(sd, prompts: list[str], seeds: list[int], *, show_progress: bool = True,
+             **settings) -> list[GeneratedImage]:
     """One image per (prompt, seed), sampled in batches of `batch_size`.
 
-    Defaults are the MEDDAP authors' generation settings (released code:
-    diffusers' SD v1.4 pipeline, PNDM, 30 steps, guidance 7.5, 512 x 512).
+    settings: fields of GenerationConfig (sampler, steps, guidance, eta, height,
+    width, negative, batch_size), checked by its rules; those not given take its
+    defaults, the MEDDAP authors' generation settings. `sampler` may be a name.
     Image k depends only on its prompt, its seed and the settings, not on the
-    batch it was sampled in. metadata: prompt, token_ids (77 ints),
-    negative_prompt, seed, sampler, steps, guidance, eta, height, width,
-    checkpoint_sha256 (`sd.source_sha256`), lora_sha256 (`sd.lora_sha256`, or None).
+    batch it was sampled in. metadata: see `TextToImage.__call__`.
     """
-    sampler = Sampler.parse(sampler)
-    eta = check_eta(eta, sampler)
-    check_num_steps(steps)
-    check_size(height, width)
-    guidance = check_guidance(guidance)
+    if isinstance(settings.get("sampler"), str):
+        settings["sampler"] = Sampler.parse(settings["sampler"])
+    cfg = validate(GenerationConfig(**settings), lambda name: name)
     if len(prompts) != len(seeds):
         raise MeddapError(f"got {len(prompts)} prompts and {len(seeds)} seeds; "
                           f"give one seed per prompt.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MeddapError(f"batch size {batch_size!r} must be a positive integer.")
-
-    _, neg_hidden = encode_prompts(sd, [negative_prompt])               # (1, 77, D)
-    latent_shape = (sd.config.unet.in_channels,                         # (4, H/8, W/8)
-                    height // LATENT_DOWNSAMPLING, width // LATENT_DOWNSAMPLING)
-    settings = {
-        "negative_prompt": negative_prompt, "sampler": sampler.value, "steps": steps,
-        "guidance": guidance, "eta": eta, "height": height, "width": width,
-        "checkpoint_sha256": getattr(sd, "source_sha256", None),
-        "lora_sha256": getattr(sd, "lora_sha256", None),
-    }
+    t2i = TextToImage(sd, cfg)
     bar = Progress(total=len(prompts), desc="sampling", enabled=show_progress)
     out: list[GeneratedImage] = []
-    for start in range(0, len(prompts), batch_size):
-        batch_prompts = list(prompts[start:start + batch_size])
-        batch_seeds = [int(s) for s in seeds[start:start + batch_size]]
-        B = len(batch_prompts)
-        tokens, cond = encode_prompts(sd, batch_prompts)               # (B, 77), (B, 77, D)
-        uncond = neg_hidden.expand(B, -1, -1)                          # (B, 77, D)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-        z_T = draw_noise(torch.empty((B, *latent_shape), device=sd.device), generators)  # (B, 4, h, w)
-        eps_fn = guided_eps(sd.unet, uncond, cond, guidance)
-        z0 = denoise(eps_fn, z_T, scheduler=sampler, num_steps=steps, eta=eta,
-                     generator=generators)                              # (B, 4, h, w) float32
-        for k, image in enumerate(latents_to_images(sd, z0)):
-            meta = {"prompt": batch_prompts[k], "token_ids": tokens[k].tolist(),
-                    "seed": batch_seeds[k], **settings}
-            out.append(GeneratedImage(image=image, metadata=meta))
-        bar.update(B)
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = t2i(list(prompts[start:start + cfg.batch_size]), list(seeds[start:start + cfg.batch_size]))
+        out += batch
+        bar.update(len(batch))
     bar.close()
     return out
 
