@@ -244,7 +244,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             shown = _show_raw(default) if not isinstance(default, tuple) else \
                 ",".join(str(_show_raw(v)) for v in default)
             kw["default"] = default
-            kw["help"] += f" (default: {shown})".replace("%", "%%")
+            if default is not None and shown != "":          # None / () are explained by the help text
+                kw["help"] += f" (default: {shown})".replace("%", "%%")
         names = [f.name] if m.get("positional") else [m.get("flag") or cli_label(f.name)]
         if not m.get("positional"):
             kw["dest"] = f.name

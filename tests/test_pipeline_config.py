@@ -6,7 +6,8 @@ import pytest
 
 from meddap.cli import main
 from meddap.errors import MeddapError
-from meddap.pipeline.config import DataSource, FeatureSpace, config_from_dict, load_config
+from meddap.fid import FeatureSpace
+from meddap.pipeline.config import DataSource, config_from_dict, load_config
 from meddap.pipeline.stages import Stage, tree_sha256
 
 
@@ -16,9 +17,9 @@ def test_shipped_configs_load():
     assert (busi.data.val, busi.data.test) == (115, 120)            # paper: 545 / 115 / 120
     assert (busi.lora.rank, busi.lora.lr, busi.lora.batch_size, busi.lora.epochs, busi.lora.resolution) == \
         (4, 1e-4, 1, 100, 224)                                        # paper_facts.md, Diffusion model
-    assert busi.lora.targets == ("cross",) and busi.generate.ratios == (0.5, 1.0, 2.0)
+    assert busi.lora.targets == "cross" and busi.generate.ratios == (0.5, 1.0, 2.0)
     assert len(busi.generate.adjectives) == 10 and busi.generate.adjectives[0] == "none"
-    assert (busi.generate.sampler, busi.generate.steps, busi.generate.guidance) == ("pndm", 30, 7.5)
+    assert (busi.generate.sampler.value, busi.generate.steps, busi.generate.guidance) == ("pndm", 30, 7.5)
     demo = load_config("demo")
     assert demo.data.source is DataSource.PHANTOM and demo.fid.features is FeatureSpace.AUTO
     assert demo.lora.checkpoint == "weights/tiny/tiny-sd.safetensors"

@@ -129,9 +129,6 @@ class _ArchName(Enum):
 Arch = _ArchName("Arch", {name.upper().replace(".", "_"): name for name in ARCHITECTURES},
                  module=__name__)
 
-# File names by network, read by read_imagenet_state below.
-IMAGENET_FILES: dict[Arch, str] = {arch: arch.spec.imagenet_file for arch in Arch}
-
 
 def parse_arch(name: str | Arch) -> Arch:
     if isinstance(name, Arch):
@@ -155,9 +152,10 @@ def read_imagenet_state(arch: Arch, path: Path, check_hash: bool = True) -> dict
     """Read a torchvision ImageNet file; check its SHA-256 prefix against the
     file name like torchvision does; DenseNet keys renamed to today's names."""
     path = Path(path)
-    expected = IMAGENET_FILES[arch]
+    spec = arch.spec
+    expected = spec.imagenet_file
     if check_hash:
-        prefix = expected.rsplit("-", 1)[1].split(".")[0]
+        prefix = spec.hash_prefix
         digest = sha256_file(path)
         if not digest.startswith(prefix):
             raise MeddapError(
@@ -166,7 +164,7 @@ def read_imagenet_state(arch: Arch, path: Path, check_hash: bool = True) -> dict
                 f"https://download.pytorch.org/models/{expected} there, or remove it to "
                 f"start from random init.")
     state = read_torch_state_dict(path, what="weight file", expected=f"torchvision's {expected}")
-    return rename_old_densenet_keys(state) if arch is Arch.DENSENET121 else state
+    return spec.rename_old_keys(state) if spec.rename_old_keys else state
 
 
 def load_imagenet_body(model: nn.Module, arch: Arch, state: dict[str, torch.Tensor],

@@ -16,9 +16,13 @@ Output folder:
     train.json the summary, written last; its presence means "finished"
 
 A run killed at any point and started again with the same command continues
-from the last finished epoch; on CPU the result is bitwise the one of an
+from the last finished epoch; on the CPU the result is bitwise the one of an
 uninterrupted run (the shuffle of epoch e comes from its own generator seeded
-by stream_seed(seed, e), dropout from the saved torch RNG state). Re-running
+by stream_seed(seed, e), dropout from the saved torch RNG state). On CUDA that
+holds only with cudnn.benchmark off (`train_classifier` pins it) and
+torch.use_deterministic_algorithms(True), and is not guaranteed even then:
+cuDNN backward uses atomics and adaptive_avg_pool2d's backward (in all three
+networks) has no deterministic CUDA kernel (see meddap.device). Re-running
 with a larger --epochs extends a finished run.
 """
 from __future__ import annotations
@@ -38,8 +42,8 @@ from torch import nn
 
 from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state,
                                       parse_arch)
-from meddap.data.datasets import ImageSet, load_rgb, resolve_images
-from meddap.device import DEVICE_HELP, check_device_name, resolve_device
+from meddap.data.datasets import ImageSet, load_rgb, resolve_images, resolve_training_images
+from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_device
 from meddap.errors import MeddapError
 from meddap.io import (dataset_sha256, save_torch_atomic, stream_seed, write_json_atomic,
                        write_text_atomic)
@@ -131,19 +135,9 @@ def normalise(images_u8: torch.Tensor) -> torch.Tensor:
     return (images_u8.float() / 255.0 - mean) / std
 
 
-def check_every_class_has_images(spec: str, image_set: ImageSet) -> None:
-    """Refuse a training set with an empty class folder (wording of meddap.lora.train.check_image_set)."""
-    empty = [c for c, n in image_set.counts().items() if n == 0]
-    if empty:
-        raise MeddapError(f"class {empty[0]!r} of {spec} has no images ({image_set.root / empty[0]}); "
-                          f"every class folder needs at least one PNG/JPEG/BMP/TIFF image.")
-
-
 def load_training_data(cfg: TrainConfig) -> tuple[TensorSet, TensorSet, str]:
     """(train, val, the training images' dataset_sha256)."""
-    train_sets = [resolve_images(s) for s in cfg.train]
-    for spec, image_set in zip(cfg.train, train_sets):
-        check_every_class_has_images(spec, image_set)
+    train_sets = [resolve_training_images(s) for s in cfg.train]
     val_set = resolve_images(cfg.val)
     classes = sorted({c for s in train_sets for c in s.classes})
     unknown = [c for c in val_set.classes if c not in classes]
@@ -194,6 +188,7 @@ def train_classifier(cfg: TrainConfig) -> dict:
     """Train one classifier; returns (and writes) out/train.json."""
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    pin_cudnn()                            # the same convolution algorithms in every run
     on_cuda = device.type == "cuda"
     summary_path, state_path = out / "train.json", out / "state.pt"
     if summary_path.exists():

@@ -77,7 +77,7 @@ def _twice(names: list[str]) -> str | None:
 
 
 def _check_ratios(ratios: tuple[float, ...]) -> str | None:
-    return (nonempty_each(above(0), "0.5,1,2 (the paper's)")(ratios)
+    return (nonempty_each(above(0), "0.5,1,2: every ratio > 0 (the paper's +50%, +100%, +200%)")(ratios)
             or _twice([ratio_folder(r) for r in ratios]))
 
 

@@ -16,9 +16,11 @@ Resize(224, bilinear) -> RandomCrop(224) -> random horizontal flip -> [-1, 1].
 run (adapter init, epoch order, crop, flip, posterior noise, t, ε) comes from
 one CPU generator seeded with `seed`, so a seed gives the same draws on any
 device; the arithmetic on them is not the same (GPU kernels differ from the
-CPU's, and some are not deterministic). The generator's state is part of each
-checkpoint: on the CPU, a run killed and resumed ends bit for bit where an
-uninterrupted one does.
+CPU's). The generator's state is part of each checkpoint: on the CPU, a run
+killed and resumed ends bit for bit where an uninterrupted one does. On CUDA
+that holds only with cudnn.benchmark off (`train_lora` pins it) and
+torch.use_deterministic_algorithms(True), and is not guaranteed even then:
+SDPA and cuDNN backward kernels use atomics (see meddap.device).
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meddap.data.datasets import ImageSet, load_rgb, resolve_images
+from meddap.data.datasets import ImageSet, load_rgb, resolve_training_images
 from meddap.data.prompts import prompt_for
-from meddap.device import DEVICE_HELP, check_device_name, resolve_device, resolve_dtype
+from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_device, resolve_dtype
 from meddap.errors import MeddapError
 from meddap.io import save_torch_atomic, sha256_bytes, truncate_log
 from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
@@ -133,17 +135,6 @@ def _set_rng_states(rng: torch.Generator, s: dict, device: torch.device) -> None
     random.setstate(s["python"])
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def check_image_set(spec: str) -> ImageSet:
-    """The training images of a class-folder dir or split spec; every class needs one."""
-    image_set = resolve_images(spec)
-    counts = image_set.counts()
-    empty = [c for c, n in counts.items() if n == 0]
-    if empty:
-        raise MeddapError(f"class {empty[0]!r} of {spec} has no images ({image_set.root / empty[0]}); "
-                          f"every class folder needs at least one PNG/JPEG/BMP/TIFF image.")
-    return image_set
 
 
 class TrainImages:
@@ -253,6 +244,36 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def lora_loss(sd, schedule, images: TrainImages, contexts: torch.Tensor, batch: torch.Tensor,
+              rng: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """MEDDAP Eq. 1 on the images `batch` (B,): the 0-d float32 loss on `device`.
+
+    Draws from `rng`, in this order: each image's crop and flip, the posterior
+    noise η, t ~ U{0..999}, then ε; all on the CPU. contexts: (n_classes, 77, C)
+    on `device`; the UNet runs in `dtype`, the loss in float32.
+    """
+    z0 = images.latents(batch, sd.vae, rng)                         # (B, 4, h, w) float32, scaled
+    t = torch.randint(0, schedule.num_timesteps, (len(batch),), generator=rng)  # t ~ U{0..999}
+    noise = torch.randn(z0.shape, generator=rng).to(device)          # ε ~ N(0, I), drawn on the CPU
+    z_t = schedule.q_sample(z0, t, noise)                            # (B, 4, h, w)
+    context = contexts[images.labels[batch].to(contexts.device)]     # (B, 77, C)
+    eps = sd.unet(z_t.to(dtype), t.to(device), context)             # (B, 4, h, w)
+    return F.mse_loss(eps.float(), noise)                           # MEDDAP Eq. 1
+
+
+def apply_gradients(loss: torch.Tensor, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler) -> None:
+    """One AdamW update of the adapters `params` from `loss`: backward of the scaled loss,
+    unscale, clip the gradients' norm to MAX_GRAD_NORM, step, update the scale. With fp16
+    the scaler skips the step when a gradient is inf or NaN (and lowers its scale)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)                                      # clip the true gradients
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     """Train adapters as configured; resume from `out/train_state.pt` if present.
     Returns the path of the final adapter file `out/lora.safetensors`.
@@ -265,11 +286,12 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
 
     validate(cfg, label)   # a config built in Python has not been checked yet
     device = resolve_device(cfg.device, label("device"))
+    pin_cudnn()                            # the same convolution algorithms in every run
     if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
         raise MeddapError(f"{label('mixed_precision')} {cfg.mixed_precision.value} needs a CUDA device; "
                           f"on {device} training runs in float32 ({label('mixed_precision')} no).")
     dtype = resolve_dtype(cfg.mixed_precision.dtype_name, device, label("mixed_precision"))
-    image_set = check_image_set(cfg.data)   # cheap listing checks before the big load
+    image_set = resolve_training_images(cfg.data)   # cheap listing checks before the big load
     out = Path(cfg.out)
 
     # 1. Load the base model (frozen weights in the training dtype).
@@ -335,23 +357,13 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
             if position == 0:
                 order = torch.randperm(len(images), generator=rng)  # a fresh data order each epoch
             batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-            z0 = images.latents(batch, sd.vae, rng)                 # (B, 4, h, w) float32, scaled
-            t = torch.randint(0, schedule.num_timesteps, (len(batch),), generator=rng)  # t ~ U{0..999}
-            noise = torch.randn(z0.shape, generator=rng).to(device)  # ε ~ N(0, I), drawn on the CPU
-            z_t = schedule.q_sample(z0, t, noise)                    # (B, 4, h, w)
-            context = contexts[images.labels[batch].to(contexts.device)]   # (B, 77, C)
-            eps = sd.unet(z_t.to(dtype), t.to(device), context)     # (B, 4, h, w)
-            loss = F.mse_loss(eps.float(), noise)                   # MEDDAP Eq. 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)                              # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype)
+            apply_gradients(loss, params, optimizer, scaler)
             step += 1
-            log.write(f"{step},{epoch},{loss.item():.6g},{cfg.lr:g}\n")
+            value = loss.item()                                     # the step's one wait for the device
+            log.write(f"{step},{epoch},{value:.6g},{cfg.lr:g}\n")
             log.flush()
-            bar.update(1, postfix=f"loss {loss.item():.4f}")
+            bar.update(1, postfix=f"loss {value:.4f}")
             if step % cfg.checkpoint_every == 0 or step == total:
                 save_state()
             if cfg.validate_every and step % cfg.validate_every == 0:

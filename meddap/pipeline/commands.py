@@ -11,7 +11,9 @@ def register(subparsers) -> None:
                               description="Split, USLoRA per fold, expansion, FID/KID, classifiers, Grad-CAM, "
                                           "tables and report.md. Re-running resumes; a stage is redone when "
                                           "the hashes of its inputs change.")
-    p.add_argument("config", help="a TOML file, or a shipped config name: demo, demo-fast, busi-sd14")
+    from meddap.pipeline.config import shipped_configs
+
+    p.add_argument("config", help=f"a TOML file, or a shipped config name: {', '.join(shipped_configs())}")
     p.add_argument("--out", default=None, help="output folder (default: the config's [run] out)")
     p.set_defaults(func=_run)
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",

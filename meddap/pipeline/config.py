@@ -1,28 +1,62 @@
 """The run config of `meddap run CONFIG`: one TOML file, read with the stdlib `tomllib`.
 
-Every section is a small frozen dataclass whose defaults are the paper's
-settings (arXiv 2403.16335; see ../shared/reference/paper_facts.md). A key that
-is unknown, of the wrong type or out of range is an error naming the key, the
-value and what is accepted. Two configs ship in meddap/pipeline/configs/:
-`busi-sd14.toml` (the paper's protocol) and `demo.toml` (tiny base, phantoms).
+Each section fills the run config of the stage that uses it, so a key is the
+field of that stage's command, with the same type, default and check
+(declared once, in `meddap.settings` style, beside the command):
 
-Relative paths are resolved against the current folder, then, if nothing is
-there, against the repository root (so the shipped configs find
-`weights/tiny/` from anywhere). `[run] out` is relative to the current folder.
+    [run]       RunSection here: name, out, seed, device
+    [data]      DataSection: the split's SplitConfig (val, test, folds, max_hamming) + the data source
+    [lora]      meddap.lora.train.LoRARunConfig      (`meddap train-lora`)
+    [generate]  GenerateSection: meddap.data.expand.ExpandConfig (`meddap expand`) + check_images
+    [fid]       meddap.fid.FidConfig                 (`meddap fid`)
+    [classify]  ClassifySection: meddap.classify.train.TrainConfig (`meddap classify train`)
+                + networks and gradcam_images
+
+What the pipeline fills itself is not a key: the per-fold data and output
+folders, the device (from `[run] device`), the generation's checkpoint and
+adapter (`[lora] checkpoint` and the fold's trained adapter), and the
+prompts' paper-vs-released switch (`[lora] as_released`, used for the
+training captions and the generation prompts alike).
+
+Seeds: `[run] seed` seeds the phantom, the split, the expansion (fold k's
+base seed is image_seed(seed, k)) and the check images. `[lora] seed`
+defaults to 42 as in the authors' script (and `meddap train-lora`), whatever
+`[run] seed` is; `[classify] seed` defaults to `[run] seed`. A config that
+sets either key gets what it says.
+
+A key that is unknown, of the wrong type or out of range is an error naming
+`[section] key`, the value and what is accepted, raised before any work.
+The shipped configs are in meddap/pipeline/configs/ (`meddap run --help`
+lists them). Relative paths are resolved against the current folder, then,
+if nothing is there, against the repository root (so the shipped configs
+find `weights/tiny/` from anywhere). `[run] out` is relative to the current folder.
 """
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from meddap.data.prompts import ADJECTIVES
+from meddap.classify.networks import Arch
+from meddap.classify.train import TrainConfig
+from meddap.data.expand import ExpandConfig
+from meddap.data.splits import SplitConfig
+from meddap.device import DEVICE_HELP, check_device_name
 from meddap.errors import MeddapError
+from meddap.fid import FeatureSpace, FidConfig
+from meddap.lora.train import LoRARunConfig
+from meddap.settings import as_dict, at_least, from_table, in_range, setting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = Path(__file__).resolve().parent / "configs"
+CLASS_NAMES = ("benign", "malignant", "normal")
+DEFAULT_CHECKPOINT = "weights/sd-v1-4.safetensors"
+DEFAULT_FID_WEIGHTS = "weights/pt_inception-2015-12-05-6726825d.pth"
+# Settings that say where a stage runs, not what it computes: kept out of the stage hashes,
+# so the same run on another device (or another rank's GPU) resumes instead of redoing.
+_NOT_HASHED = ("device", "quiet", "show_progress")
 
 
 class DataSource(Enum):
@@ -30,211 +64,100 @@ class DataSource(Enum):
     FOLDER = "folder"       # an existing class-folder dataset (BUSI layout)
 
 
-class FeatureSpace(Enum):
-    INCEPTION = "inception"   # the FID Inception (pytorch-fid's weights): a real FID/KID
-    PIXELS = "pixels"         # substitute, NOT FID: 16x16 grey thumbnails (256-d), deterministic
-    AUTO = "auto"             # inception when its weight file exists, else pixels (said in the report)
+def _check_counts(counts: dict) -> str | None:
+    for name, n in counts.items():
+        if name not in CLASS_NAMES or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return (f"has the entry {name} = {n!r}, which is not allowed; use "
+                    f"{' / '.join(CLASS_NAMES)} = a whole number >= 0")
+    return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunSection:
-    name: str = "run"
-    out: str = "runs/meddap"
-    seed: int = 0
-    device: str = "cpu"
+    name: str = setting("run", help="the run's name (report title)")
+    out: str = setting("runs/meddap", help="output folder (relative to the current folder)")
+    seed: int = setting(0, check=at_least(0), help="seed of the phantom, split, expansion and check images")
+    device: str | None = setting(None, check=check_device_name, help=DEVICE_HELP)
 
 
-@dataclass(frozen=True)
-class DataSection:
-    source: DataSource = DataSource.FOLDER
-    path: str = "data/BUSI"                     # class folders (source = "folder")
-    unseen: str = ""                            # optional unseen dataset (Table 3); "" = none
-    phantom_counts: dict = field(default_factory=lambda: {"benign": 437, "malignant": 210, "normal": 133})
-    phantom_size: int = 256
-    unseen_phantom_counts: dict = field(default_factory=dict)   # site b phantom; {} = none
-    folds: int = 5                              # paper: five-fold cross-validation
-    val: int = 115                              # paper: 545 / 115 / 120
-    test: int = 120
+@dataclass(frozen=True, kw_only=True)
+class DataSection(SplitConfig):
+    """The data stage: where the real images come from, plus the split's own settings."""
+    source: DataSource = setting(DataSource.FOLDER, help="phantom: write the BUSI-like phantom; folder: BUSI layout")
+    path: str = setting("data/BUSI", help="class folders (source = folder)")
+    unseen: str = setting("", help="optional unseen dataset (Table 3); empty: none")
+    phantom_counts: dict = setting({"benign": 437, "malignant": 210, "normal": 133}, check=_check_counts,
+                                   help="images per class of the phantom (BUSI's counts)")
+    phantom_size: int = setting(256, check=in_range(32, 2048), help="phantom side in pixels")
+    unseen_phantom_counts: dict = setting({}, check=_check_counts, help="site b phantom per class; {} = none")
 
 
-@dataclass(frozen=True)
-class LoraSection:
-    checkpoint: str = "weights/sd-v1-4.safetensors"
-    rank: int = 4                               # paper Table 1: r = 4
-    alpha: float = 0.0                          # 0: alpha = rank (scale 1, as released)
-    targets: tuple = ("cross",)                 # ("cross",) paper, ("all",) released, or name patterns
-    lr: float = 1e-4
-    epochs: int = 100
-    max_steps: int = 0                          # 0: no cap
-    batch_size: int = 1
-    resolution: int = 224
-    cache_latents: bool = False
-    checkpoint_every: int = 500
-    as_released: bool = False
+@dataclass(frozen=True, kw_only=True)
+class GenerateSection(ExpandConfig):
+    """`meddap expand`'s settings, plus the demo's adaptation check."""
+    check_images: int = setting(0, check=at_least(0),
+                                help="per class: the same prompts and seeds with and without the adapters "
+                                     "(OUT/synthetic, OUT/synthetic_base); 0 = off")
 
 
-@dataclass(frozen=True)
-class GenerateSection:
-    adjectives: tuple = ADJECTIVES              # Table 1
-    ratios: tuple = (0.5, 1.0, 2.0)             # +50%, +100%, +200% per class
-    sampler: str = "pndm"                       # released: diffusers' SD v1.4 default
-    steps: int = 30
-    guidance: float = 7.5
-    size: int = 512                             # released: 512 x 512 output
-    batch_size: int = 4
-    check_images: int = 0                       # per class: adapted vs unadapted check (demo); 0 = off
-
-
-@dataclass(frozen=True)
-class FidSection:
-    features: FeatureSpace = FeatureSpace.AUTO
-    inception_weights: str = "weights/pt_inception-2015-12-05-6726825d.pth"
-    kid: bool = True
-
-
-@dataclass(frozen=True)
-class ClassifySection:
-    networks: tuple = ("resnet34", "squeezenet1.1", "densenet121")
-    epochs: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    size: int = 224
-    gradcam_images: int = 6                     # per run: Grad-CAM panels from the first test images
+@dataclass(frozen=True, kw_only=True)
+class ClassifySection(TrainConfig):
+    """`meddap classify train`'s settings, plus which networks and how many Grad-CAM panels."""
+    networks: tuple[Arch, ...] = setting((Arch.RESNET34, Arch.SQUEEZENET1_1, Arch.DENSENET121),
+                                         check=lambda v: None if v else "must name at least one network",
+                                         help="classifiers trained per condition")
+    gradcam_images: int = setting(6, check=at_least(0), help="Grad-CAM panels from the first test images")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    generate: GenerateSection = field(default_factory=GenerateSection)
-    fid: FidSection = field(default_factory=FidSection)
-    classify: ClassifySection = field(default_factory=ClassifySection)
+    run: RunSection
+    data: DataSection
+    lora: LoRARunConfig
+    generate: GenerateSection
+    fid: FidConfig
+    classify: ClassifySection
     source: str = ""                            # the TOML file it came from
 
     def section_dict(self, name: str) -> dict:
-        """A section as JSON-ready values (enums by value), for hashing and reports."""
-        return {k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(getattr(self, name)).items()}
+        """A section as JSON-ready values, for hashing and reports (where-it-runs keys left out)."""
+        return {k: v for k, v in as_dict(getattr(self, name)).items() if k not in _NOT_HASHED}
 
 
-SECTIONS = {"run": RunSection, "data": DataSection, "lora": LoraSection, "generate": GenerateSection,
-            "fid": FidSection, "classify": ClassifySection}
-SAMPLERS = ("ddim", "pndm", "ddpm")
-CLASS_NAMES = ("benign", "malignant", "normal")
+SECTIONS = ("run", "data", "lora", "generate", "fid", "classify")
 
 
-def _convert(where: str, key: str, value, default):
-    """value -> the type of `default`, or a MeddapError naming `[where] key`."""
-    name = f"[{where}] {key}"
-    if isinstance(default, Enum):
-        allowed = [m.value for m in type(default)]
-        if value not in allowed:
-            raise MeddapError(f"{name} = {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
-        return type(default)(value)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise MeddapError(f"{name} = {value!r} must be true or false.")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MeddapError(f"{name} = {value!r} must be a whole number.")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MeddapError(f"{name} = {value!r} must be a number.")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise MeddapError(f"{name} = {value!r} must be a string.")
-        return value
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise MeddapError(f"{name} = {value!r} must be a list, e.g. {list(default)!r}.")
-        return tuple(value)
-    if not isinstance(value, dict):
-        raise MeddapError(f"{name} = {value!r} must be a table, e.g. {{benign = 10, malignant = 10}}.")
-    return dict(value)
-
-
-def _check_range(key: str, value, low, high=None, what: str = "") -> None:
-    if value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise MeddapError(f"{key} = {value!r} is out of range; use a value {bound}{what}.")
-
-
-def _validate(cfg: RunConfig) -> None:
-    """Checks across keys and ranges (types are checked while reading)."""
-    from meddap.classify.networks import Arch
-
-    d, lo, g, c = cfg.data, cfg.lora, cfg.generate, cfg.classify
-    _check_range("[data] folds", d.folds, 1, 10)
-    _check_range("[data] val", d.val, 1)
-    _check_range("[data] test", d.test, 1)
-    _check_range("[data] phantom_size", d.phantom_size, 32, 2048)
-    for key, counts in (("phantom_counts", d.phantom_counts), ("unseen_phantom_counts", d.unseen_phantom_counts)):
-        for name, n in counts.items():
-            if name not in CLASS_NAMES or isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise MeddapError(f"[data] {key} entry {name} = {n!r} is not allowed; use "
-                                  f"{' / '.join(CLASS_NAMES)} = a whole number >= 0.")
-    _check_range("[lora] rank", lo.rank, 1, 1024)
-    _check_range("[lora] lr", lo.lr, 1e-8, 1.0)
-    for key in ("epochs", "batch_size", "checkpoint_every"):
-        _check_range(f"[lora] {key}", getattr(lo, key), 1)
-    if not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
-        raise MeddapError(f"[lora] targets = {list(lo.targets)!r} must be \"cross\", \"all\" or a list of "
-                          f"module-name patterns such as [\"attn2.to_q\", \"ff.net.*\"].")
-    for key, size in (("[lora] resolution", lo.resolution), ("[generate] size", g.size)):
-        if size < 8 or size % 8:
-            raise MeddapError(f"{key} = {size} must be a positive multiple of 8 (the VAE downsamples by 8).")
-    if g.sampler not in SAMPLERS:
-        raise MeddapError(f"[generate] sampler = {g.sampler!r} is not allowed; choose one of "
-                          f"{', '.join(map(repr, SAMPLERS))}.")
-    _check_range("[generate] steps", g.steps, 1, 1000)
-    _check_range("[generate] guidance", g.guidance, 0.0, 100.0)
-    _check_range("[generate] batch_size", g.batch_size, 1)
-    _check_range("[generate] check_images", g.check_images, 0)
-    if not g.ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in g.ratios):
-        raise MeddapError(f"[generate] ratios = {list(g.ratios)!r} must be a non-empty list of numbers > 0, "
-                          f"e.g. [0.5, 1.0, 2.0] (the paper's +50%, +100%, +200%).")
-    if not g.adjectives or not all(isinstance(a, str) and a for a in g.adjectives):
-        raise MeddapError(f"[generate] adjectives = {list(g.adjectives)!r} must be a non-empty list of words, "
-                          f"e.g. [\"none\", \"dark\"].")
-    allowed = [a.value for a in Arch]
-    for net in c.networks:
-        if net not in allowed:
-            raise MeddapError(f"[classify] networks entry {net!r} is not allowed; choose from "
-                              f"{', '.join(map(repr, allowed))}.")
-    for key in ("epochs", "batch_size", "size"):
-        _check_range(f"[classify] {key}", getattr(c, key), 1)
-    _check_range("[classify] lr", c.lr, 1e-8, 1.0)
-    _check_range("[classify] gradcam_images", c.gradcam_images, 0)
+def stage_config(cls, section, **changes):
+    """The stage's own config (class `cls`) from a section that extends it, with `changes`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(section).items() if k in names} | changes)
 
 
 def config_from_dict(raw: dict, source: str = "") -> RunConfig:
-    """Build and validate a RunConfig from parsed TOML (sections of keys)."""
-    sections = {}
+    """Build and check a RunConfig from parsed TOML (sections of keys), before any work."""
+    where = source or "config"
     for name, value in raw.items():
         if name not in SECTIONS:
-            raise MeddapError(f"{source or 'config'}: unknown section [{name}]; the sections are "
+            raise MeddapError(f"{where}: unknown section [{name}]; the sections are "
                               f"{', '.join(f'[{s}]' for s in SECTIONS)}.")
         if not isinstance(value, dict):
-            raise MeddapError(f"{source or 'config'}: [{name}] must be a table of keys.")
-        cls = SECTIONS[name]
-        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, v in value.items():
-            if key not in defaults:
-                raise MeddapError(f"{source or 'config'}: unknown key [{name}] {key}; the keys of [{name}] are "
-                                  f"{', '.join(defaults)}.")
-            kwargs[key] = _convert(name, key, v, defaults[key])
-        sections[name] = cls(**kwargs)
-    cfg = RunConfig(**sections, source=source)
-    _validate(cfg)
-    return cfg
+            raise MeddapError(f"{where}: [{name}] must be a table of keys.")
+    t = {name: raw.get(name, {}) for name in SECTIONS}
+    run = from_table(RunSection, t["run"], "run", source)
+    data = from_table(DataSection, t["data"], "data", source, seed=run.seed)
+    lora = from_table(LoRARunConfig, t["lora"], "lora", source, defaults={"checkpoint": DEFAULT_CHECKPOINT},
+                      data="", out="", device=run.device, show_progress=False)
+    generate = from_table(GenerateSection, t["generate"], "generate", source, checkpoint="", data="", out="",
+                          lora=None, seed=run.seed, device=run.device, quiet=True, copy_real=False,
+                          as_released=lora.as_released)
+    fid = from_table(FidConfig, t["fid"], "fid", source,
+                     defaults={"features": FeatureSpace.AUTO, "inception_weights": DEFAULT_FID_WEIGHTS,
+                               "kid": True},
+                     device=run.device, quiet=True)
+    classify = from_table(ClassifySection, t["classify"], "classify", source, defaults={"seed": run.seed},
+                          arch=Arch.RESNET34, train=(), val="", out=Path("."), init=None,
+                          device=run.device, show_progress=False)
+    return RunConfig(run=run, data=data, lora=lora, generate=generate, fid=fid, classify=classify, source=source)
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -243,13 +166,17 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.exists() and (SHIPPED / f"{path.name}.toml").exists():
         path = SHIPPED / f"{path.name}.toml"
     if not path.is_file():
-        shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
-        raise MeddapError(f"config {path} does not exist; give a TOML file or a shipped config ({shipped}).")
+        raise MeddapError(f"config {path} does not exist; give a TOML file or a shipped config "
+                          f"({', '.join(shipped_configs())}).")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MeddapError(f"config {path} is not valid TOML: {e}.") from e
     return config_from_dict(raw, str(path))
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.toml"))
 
 
 def resolve_path(p: str) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from meddap.figures import loss_curve, sample_grid, stack_pictures
 from meddap.io import write_text_atomic
-from meddap.pipeline.config import FeatureSpace, RunConfig
+from meddap.fid import FeatureSpace
+from meddap.pipeline.config import RunConfig
 
 
 def _rel(path: Path | str, out: Path) -> str:
@@ -69,12 +70,12 @@ def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
              f"- base checkpoint `{cfg.lora.checkpoint}` (SHA-256 `{info['base_sha256'][:16]}…`)",
              f"- real data `{info['data']['real']}`; split `{_rel(info['split'], out)}` "
              f"({cfg.data.folds} fold(s), val {cfg.data.val}, test {cfg.data.test} images)",
-             f"- USLoRA rank {cfg.lora.rank}, targets {list(cfg.lora.targets)}, lr {cfg.lora.lr:g}, "
+             f"- USLoRA rank {cfg.lora.rank}, targets {cfg.section_dict('lora')['targets']}, lr {cfg.lora.lr:g}, "
              f"{cfg.lora.epochs} epochs{f' (max {cfg.lora.max_steps} steps)' if cfg.lora.max_steps else ''}, "
              f"{cfg.lora.resolution} px",
-             f"- generation: {cfg.generate.sampler} {cfg.generate.steps} steps, guidance {cfg.generate.guidance:g}, "
-             f"{cfg.generate.size} px; adjectives {list(cfg.generate.adjectives)}; ratios {list(cfg.generate.ratios)}",
-             f"- classifiers {list(cfg.classify.networks)}: {cfg.classify.epochs} epochs, batch "
+             f"- generation: {cfg.generate.sampler.value} {cfg.generate.steps} steps, guidance {cfg.generate.guidance:g}, "
+             f"{cfg.generate.height} x {cfg.generate.width} px, {cfg.generate.dtype}; adjectives {list(cfg.generate.adjectives)}; ratios {list(cfg.generate.ratios)}",
+             f"- classifiers {[a.value for a in cfg.classify.networks]}: {cfg.classify.epochs} epochs, batch "
              f"{cfg.classify.batch_size}, lr {cfg.classify.lr:g}, {cfg.classify.size} px", ""]
     fold0 = info["folds"][0]
     lines += _check_section(fold0)
