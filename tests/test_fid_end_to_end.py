@@ -54,7 +54,7 @@ def test_mixed_sizes_and_grayscale(weights, tmp_path):
     from pytorch_fid.fid_score import get_activations
     state, path = weights
     folder = tmp_path / "mixed"
-    paths = write_images(folder, [(40, 30), (52, 61)], seed=3)
+    paths = write_images(folder, [(40, 33), (52, 61)], seed=3)
     paths += write_images(tmp_path / "gray", [(33, 45)], seed=4, mode="L")
     (tmp_path / "gray" / "000.png").rename(folder / "002.png")
     paths[2] = folder / "002.png"
@@ -102,8 +102,8 @@ def test_cache_hit_and_invalidation(weights, tmp_path):
 def test_per_class_and_kid_in_json(weights, tmp_path, capsys):
     _, path = weights
     for name, seed in (("a", 10), ("b", 20)):
-        write_images(tmp_path / name / "benign", [(30, 30)] * 3, seed=seed)
-        write_images(tmp_path / name / "malignant", [(30, 30)] * 2, seed=seed + 1)
+        write_images(tmp_path / name / "benign", [(33, 33)] * 3, seed=seed)
+        write_images(tmp_path / name / "malignant", [(33, 33)] * 2, seed=seed + 1)
     code, result, _ = run_cli(capsys, tmp_path / "a", tmp_path / "b", "--dims", 64, "--inception-weights",
                               path, "--cache-dir", tmp_path / "cache", "--per-class", "--kid",
                               "--kid-subsets", 5, "--kid-subset-size", 4, "--json")
@@ -118,8 +118,8 @@ def test_per_class_and_kid_in_json(weights, tmp_path, capsys):
 
 def test_bad_input(weights, tmp_path, capsys):
     _, path = weights
-    write_images(tmp_path / "one", [(30, 30)], seed=1)
-    write_images(tmp_path / "three", [(30, 30)] * 3, seed=2)
+    write_images(tmp_path / "one", [(33, 33)], seed=1)
+    write_images(tmp_path / "three", [(33, 33)] * 3, seed=2)
     (tmp_path / "empty").mkdir()
     common = ("--inception-weights", path, "--no-cache", "--dims", 64)
     code, _, err = run_cli(capsys, tmp_path / "one", tmp_path / "three", *common)
@@ -135,7 +135,7 @@ def test_bad_input(weights, tmp_path, capsys):
     code, _, err = run_cli(capsys, tmp_path / "three", tmp_path / "three", "--formula", "as-released",
                            "--kid", "--inception-weights", tmp_path / "absent.pth")
     assert code == 2 and "no KID" in err
-    write_images(tmp_path / "two", [(30, 30)] * 2, seed=3)
+    write_images(tmp_path / "two", [(33, 33)] * 2, seed=3)
     code, _, err = run_cli(capsys, tmp_path / "three", tmp_path / "two", "--formula", "as-released",
                            "--inception-weights", tmp_path / "absent.pth")
     assert code == 2 and "same number of images" in err

@@ -113,3 +113,38 @@ def test_network_stops_at_the_deepest_requested_tap():
     with torch.no_grad():
         out = net(torch.zeros(1, 3, 299, 299), (64, 192))
     assert set(out) == {64, 192} and out[192].shape == (1, 192)
+
+
+class _NotATensor:
+    pass
+
+
+def test_weight_files_are_read_with_our_own_words(tmp_path):
+    """meddap.io.read_torch_state_dict (shared with the classifiers' ImageNet files):
+    tensors only, and torch's paragraph about loading untrusted code is never shown."""
+    from meddap.io import read_torch_state_dict
+    pickled = tmp_path / "model.pth"
+    torch.save({"a": _NotATensor()}, pickled)
+    with pytest.raises(MeddapError) as e:
+        load_fid_inception(pickled)
+    msg = str(e.value)
+    assert msg.startswith(f"FID Inception (TF-2015 graph, pytorch-fid port) weights file {pickled} cannot be read: "
+                          f"it is not a readable torch checkpoint of tensors")
+    assert "weights_only" not in msg and "pickled Python objects, which meddap does not load" in msg
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listed)
+    with pytest.raises(MeddapError, match=r"holds an object of type list, not a state dict of tensors; "
+                                          r"expected torchvision's x\.pth\.$"):
+        read_torch_state_dict(listed, expected="torchvision's x.pth")
+    numbers = tmp_path / "numbers.pth"
+    torch.save({"a.weight": torch.zeros(1), "step": 3}, numbers)
+    with pytest.raises(MeddapError, match="its entry 'step' is of type int"):
+        read_torch_state_dict(numbers)
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"a": torch.zeros(4)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(MeddapError, match=r"not a readable torch checkpoint \(RuntimeError: "):
+        read_torch_state_dict(truncated, what="weight file")
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(2)}, good)
+    assert read_torch_state_dict(good)["w"].tolist() == [1.0, 1.0]

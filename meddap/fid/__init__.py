@@ -1,6 +1,10 @@
 """FID and KID with an Inception v3 written here (equal to pytorch-fid), and the
 quantity of the authors' fid_calc.py (`meddap.fid.as_released`).
 
+    from meddap.fid import FidConfig, score_sets          # the one scoring entry
+    result = score_sets(FidConfig(kid=True), "data/BUSI", {"synthetic": "out/synthetic"})
+    result["sets"]["synthetic"]["frechet"]                  # FID when result["is_fid"]
+
     from meddap.fid import inception_features, frechet_distance, kid
     feats = inception_features(images, weights="weights/pt_inception-2015-12-05-6726825d.pth")
     d2 = frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -11,9 +15,15 @@ imports meddap.fid.commands, does not load torch.
 import importlib
 
 _EXPORTS = {
+    "FidConfig": "meddap.fid.config",
+    "FeatureSpace": "meddap.fid.config",
+    "Formula": "meddap.fid.config",
+    "score_sets": "meddap.fid.score",
+    "resolve_feature_space": "meddap.fid.score",
+    "pixel_extractor": "meddap.fid.pixels",
     "inception_features": "meddap.fid.inception",
     "load_fid_inception": "meddap.fid.inception",
-    "FID_DIMS": "meddap.fid.inception",
+    "FID_DIMS": "meddap.fid.config",
     "FID_WEIGHTS_FILE": "meddap.fid.inception",
     "FID_WEIGHTS_SHA256": "meddap.fid.inception",
     "FID_WEIGHTS_URL": "meddap.fid.inception",
@@ -21,6 +31,7 @@ _EXPORTS = {
     "frechet_distance_detail": "meddap.fid.metrics",
     "feature_statistics": "meddap.fid.metrics",
     "kid": "meddap.fid.metrics",
+    "KID_SUBSET_SIZE": "meddap.fid.metrics",
     "per_class": "meddap.fid.metrics",
     "FrechetResult": "meddap.fid.metrics",
     "KIDResult": "meddap.fid.metrics",

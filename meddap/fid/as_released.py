@@ -7,7 +7,7 @@ Source: yasamin-med/MEDDAP, fid_calc.py. For each image file:
   2. `numpy.array(img)`: uint8 (299, 299, 3).
   3. `skimage.transform.resize(image, (299, 299, 3), 0)`: nearest-neighbour
      resize to the size the image already has, i.e. no change of pixels; what
-     changes is the dtype (SkimageResize).
+     changes is the dtype (meddap.fid.config.SkimageResize).
   4. `images / 255`.
   5. Keras `preprocess_input` ('tf' mode): x / 127.5 - 1, which expects [0, 255].
   6. Keras `InceptionV3(include_top=False, pooling='avg')`: act (N, 2048) float32.
@@ -32,7 +32,6 @@ torchvision's ImageNet weights replace Keras' (imagenet_inception.py).
 """
 from __future__ import annotations
 
-import enum
 import warnings
 from pathlib import Path
 
@@ -43,28 +42,13 @@ from scipy import linalg
 
 from meddap.data.datasets import load_rgb
 from meddap.errors import MeddapError
+from meddap.fid.config import SkimageResize
 from meddap.fid.imagenet_inception import ImageNetInception
 from meddap.fid.inception import INCEPTION_SIZE, InceptionGraph
 from meddap.fid.stats_cache import FeatureExtractor
 
 UINT8_MAX = 255.0             # fid_calc.py: `images1/255`
 KERAS_TF_SCALE = 127.5        # keras.applications.imagenet_utils, mode 'tf': x / 127.5 - 1
-
-
-class SkimageResize(enum.Enum):
-    """What `skimage.transform.resize(uint8_image, same_shape, order=0)` returns.
-
-    FLOAT_0_1: scikit-image <= 0.18 sends every resize through img_as_float, so
-      the pixels are floats in [0, 1] and `/ 255` scales them a second time:
-      network inputs lie in [-1, -1 + 2/255²].
-    KEEP_UINT8: scikit-image >= 0.19 keeps the dtype for order 0 on integer
-      images (it converts to float only `if order > 0`), so `/ 255` is the only
-      scaling: inputs lie in [-1, -1 + 2/255].
-    The released code does not pin scikit-image; FLOAT_0_1 is the behaviour
-    described in the project's paper_facts.md ("double scaling").
-    """
-    FLOAT_0_1 = "0.18"
-    KEEP_UINT8 = "0.19"
 
 
 def nearest_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

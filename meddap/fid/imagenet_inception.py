@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from meddap.fid.inception import InceptionGraph, InceptionV3, load_into, read_weights
+from meddap.fid.inception import InceptionGraph, InceptionV3, load_into, read_weights, tf32_off
 from meddap.io import sha256_file
 
 # torchvision.models.Inception_V3_Weights.IMAGENET1K_V1 (torchvision 0.29);
@@ -55,8 +55,9 @@ class ImageNetInception:
 
     def avgpool_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, 299, 299) in Keras' [-1, 1] scale -> (N, 2048) float32,
-        the `pooling='avg'` output of Keras' include_top=False model."""
-        with torch.inference_mode():
+        the `pooling='avg'` output of Keras' include_top=False model, in full
+        float32 (inception.tf32_off)."""
+        with tf32_off(), torch.inference_mode():
             return self.model(x.to(self.device, torch.float32), (2048,))[2048]
 
 

@@ -25,6 +25,7 @@ Feature taps (pytorch-fid's block indices 0..3), spatially averaged:
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,9 @@ import torch.nn.functional as F
 
 from meddap.data.datasets import load_rgb
 from meddap.errors import MeddapError
+from meddap.fid.config import check_fid_dims
 from meddap.fid.stats_cache import FeatureExtractor
-from meddap.io import sha256_file
+from meddap.io import read_torch_state_dict, sha256_file
 
 # pytorch-fid's port of the TF-2015 FID graph; the name carries the first 8 hex
 # digits of the file's SHA-256 (torch.hub convention). Source:
@@ -51,7 +53,6 @@ DEFAULT_FID_WEIGHTS = Path("weights") / FID_WEIGHTS_FILE
 
 INCEPTION_SIZE = 299          # input side of Inception v3 (arXiv 1512.00567, Table 1)
 BN_EPS = 1e-3                 # TF's batch-norm epsilon in Inception v3 (torchvision BasicConv2d)
-FID_DIMS = (64, 192, 768, 2048)
 _TAP_OF_DIM = {64: 0, 192: 1, 768: 2, 2048: 3}   # pytorch-fid BLOCK_INDEX_BY_DIM
 
 
@@ -264,9 +265,9 @@ class InceptionV3(nn.Module):
 
 
 def check_dims(dims: int) -> int:
-    if dims not in FID_DIMS:
-        raise MeddapError(f"--dims {dims} is not an Inception feature size; "
-                          f"accepted: {', '.join(map(str, FID_DIMS))} (2048 is the standard FID).")
+    complaint = check_fid_dims(dims)
+    if complaint:
+        raise MeddapError(f"dims = {dims} {complaint}.")
     return dims
 
 
@@ -282,15 +283,7 @@ def read_weights(path: str | Path, *, what: str, origin: str, sha256: str) -> di
             f"SHA-256 {sha256}{'' if len(sha256) == 64 else '... (prefix from the file name)'}; "
             f"it is released at {origin} . meddap never downloads: fetch it yourself into "
             f"{path.parent}/ or pass --inception-weights PATH.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a broken pickle/zip
-        raise MeddapError(f"{what} weights file {path} cannot be read as a PyTorch "
-                          f"state dict ({type(e).__name__}: {e}).") from e
-    if not isinstance(state, dict):
-        raise MeddapError(f"{what} weights file {path} holds a {type(state).__name__}, "
-                          f"not a state dict of tensors.")
-    return state
+    return read_torch_state_dict(path, what=f"{what} weights file")
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -374,9 +367,28 @@ def inception_features(images: torch.Tensor, weights: str | Path | FIDInception 
                            for s in range(0, images.shape[0], batch_size)])   # (N, dims)
 
 
+@contextlib.contextmanager
+def tf32_off():
+    """Full float32 convolutions and matrix products inside the block; the
+    previous settings are restored on exit.
+
+    On NVIDIA GPUs since Ampere, PyTorch lets cuDNN convolutions round their
+    float32 inputs to TF32 (10-bit mantissa) by default. FID features are
+    float32 as in pytorch-fid, and the as-released inputs differ from -1 by at
+    most 2/255² (meddap.fid.as_released), which TF32 rounds away. Every
+    feature pass of an FID network runs inside this block. No effect on the CPU.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _embed(net: FIDInception, x: torch.Tensor, dims: int) -> np.ndarray:
-    """x: (B, 3, H, W) in [0, 1] -> (B, dims) float64."""
-    with torch.inference_mode():
+    """x: (B, 3, H, W) in [0, 1] -> (B, dims) float64, computed in full float32 (tf32_off)."""
+    with tf32_off(), torch.inference_mode():
         x = fid_preprocess(x.to(net.device, torch.float32))
         return net.model(x, (dims,))[dims].cpu().numpy().astype(np.float64)
 

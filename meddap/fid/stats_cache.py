@@ -1,8 +1,8 @@
-"""Image folders -> Inception features, cached by content so that repeated
-comparisons against the same real set cost nothing.
+"""Image folders -> features (Inception, or the pixel substitute), cached by
+content so that repeated comparisons against the same real set cost nothing.
 
-The cache key is the SHA-256 of (every image's label and file SHA-256, in
-order) + the extractor's settings (network, weights SHA-256, dims,
+The cache key is the SHA-256 of the set's content hash (meddap.io.dataset_sha256:
+every image's label and file SHA-256, in order) + the extractor's settings (network, weights SHA-256, dims,
 preprocessing). Any changed, added, removed or relabelled file, or any other
 setting, gives a new key; stale entries are simply never read again. Entries
 are `.npz` files written atomically (meddap.io.atomic_path).
@@ -25,7 +25,7 @@ import torch
 
 from meddap.data.datasets import ImageSet, Item, is_image_file, is_mask, resolve_images
 from meddap.errors import MeddapError
-from meddap.io import atomic_path, sha256_bytes, sha256_file
+from meddap.io import atomic_path, dataset_sha256, sha256_bytes
 from meddap.progress import Progress
 
 CACHE_FORMAT = 1
@@ -41,8 +41,9 @@ class FeatureExtractor:
     """One way of turning image files into feature vectors.
 
     settings: everything that changes the features (part of the cache key).
-    prepare:  one image file -> (3, 299, 299) float32 network input.
-    embed:    (B, 3, 299, 299) -> (B, d) numpy features.
+    prepare:  one image file -> one input tensor, e.g. (3, 299, 299) float32 for
+              the Inception networks, (256,) float64 for the pixel substitute.
+    embed:    the stacked inputs (B, ...) -> (B, d) numpy features.
     """
     settings: dict
     prepare: Callable[[Path], torch.Tensor]
@@ -71,12 +72,6 @@ def resolve_folder(spec: str | Path) -> ImageSet:
         raise MeddapError(f"{spec} holds no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff); "
                           f"FID needs at least 2.")
     return image_set
-
-
-def content_sha256(image_set: ImageSet) -> str:
-    """SHA-256 over the ordered list of (label, file SHA-256)."""
-    lines = [f"{it.label}\t{sha256_file(it.path)}\n" for it in image_set.items]
-    return sha256_bytes("".join(lines).encode("utf-8"))
 
 
 def _compute(image_set: ImageSet, extractor: FeatureExtractor, batch_size: int,
@@ -108,7 +103,7 @@ def cached_features(image_set: ImageSet, extractor: FeatureExtractor, *,
     content was already seen with these settings (cache_dir None: no cache)."""
     if batch_size < 1:
         raise MeddapError(f"batch size {batch_size} must be at least 1.")
-    content = content_sha256(image_set)
+    content = dataset_sha256(image_set.items)
     labels = [it.label for it in image_set.items]
     paths = [str(it.path) for it in image_set.items]
     key = sha256_bytes(json.dumps({"format": CACHE_FORMAT, "content": content,
