@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image
 
 from meddap.errors import MeddapError
 
@@ -37,6 +39,7 @@ _MASK_RE = re.compile(r"^(?P<stem>.*)_mask(_\d+)?$")
 BUSI_CLASSES = ("benign", "malignant", "normal")      # paper_facts.md, Data: Dataset A
 DATASET_B_CLASSES = ("benign", "malignant")           # paper_facts.md, Data: Dataset B
 PART_NAMES = ("train", "val", "valid", "validation", "test")
+MIN_IMAGE_SIDE = 32     # pixels; smaller files are icons or damage, never scans
 
 
 class Layout(Enum):
@@ -89,14 +92,81 @@ def is_image_file(path: Path) -> bool:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as 3-channel RGB (grayscale is replicated), or raise a
-    MeddapError naming the file."""
+    """Open an image file as 8-bit RGB, or raise a MeddapError naming the file.
+
+    Every reader of images calls this one function, so every stage sees the
+    same pixels. Pillow's modes become (H, W, 3) uint8 by one rule:
+      RGB            as stored
+      L, 1           grey replicated to three channels (1: 0 or 255)
+      I;16*, I       16-bit grey: 8-bit = round(v / 257), so 0 -> 0 and 65535 -> 255
+                     (I, 32-bit, is clipped to 0..65535 first); v / 257 never ends
+                     in .5, so the rounding has no ties
+      F              float grey on the 8-bit scale (Pillow's convention): rounded
+                     (ties to even), clipped to 0..255; NaN or infinity is an error
+      RGBA, LA, PA   composited on black: c · a / 255, rounded (no ties either),
+                     so what was transparent is black; also P, L and RGB files
+                     with a transparency key
+      P              its palette's colours
+      CMYK, YCbCr,   Pillow's conversion to RGB
+      LAB, HSV, RGBX
+    Any other mode is an error. A file that cannot be decoded (damaged,
+    truncated, not an image) or is a decompression bomb (more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS`) is "unreadable"; an image with a side under
+    MIN_IMAGE_SIDE pixels is refused as too small.
+    """
+    im = _decode(path)
+    w, h = im.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise MeddapError(f"image {path} is {w}x{h} pixels; meddap needs at least {MIN_IMAGE_SIDE} "
+                          f"pixels on each side.")
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):
+        im = im.convert("RGBA")                 # Pillow applies the transparency key here
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return im.convert("RGB")
+    if mode in ("RGBA", "LA", "PA"):
+        if mode == "PA":
+            im = im.convert("RGBA")
+        a = np.asarray(im, dtype=np.int64)     # (H, W, 4) or (H, W, 2) for LA
+        colour, alpha = a[..., :-1], a[..., -1:]
+        on_black = (2 * colour * alpha + 255) // 510            # round(c · a / 255), no ties
+        return _rgb_from_array(on_black)
+    if mode.startswith("I;16") or mode == "I":
+        v = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)  # (H, W)
+        return _rgb_from_array((2 * v + 257) // 514)            # round(v / 257), no ties
+    if mode == "F":
+        v = np.asarray(im, dtype=np.float64)                   # (H, W)
+        if not np.isfinite(v).all():
+            raise MeddapError(f"image {path} is a float image with NaN or infinite pixels; "
+                              f"meddap reads finite values on the 0..255 scale.")
+        return _rgb_from_array(np.clip(np.rint(v), 0, 255))
+    raise MeddapError(f"image {path} has Pillow mode {mode!r}; meddap reads RGB, RGBA, L, LA, 1, P, PA, "
+                      f"I;16, I, F, CMYK, YCbCr, LAB, HSV and RGBX.")
+
+
+def _decode(path: str | Path) -> Image.Image:
+    """Decode the whole file into memory (a copy detached from the file)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise MeddapError(f"cannot read image {path}: {e}; expected a PNG/JPEG/BMP/TIFF file.") from e
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both refuse here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, EOFError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MeddapError(f"cannot read image {path}: unreadable image ({reason}); expected a PNG, "
+                          f"JPEG, BMP or TIFF image file.") from e
+
+
+def _rgb_from_array(grey_or_rgb: np.ndarray) -> Image.Image:
+    """An RGB image from (H, W) grey or (H, W, 1|3) values already in 0..255."""
+    a = grey_or_rgb.astype(np.uint8)
+    if a.ndim == 2:
+        a = a[..., None]                        # (H, W, 1)
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(a, a.shape[:2] + (3,))))  # (H, W, 3)
 
 
 def scan_folder(root: str | Path, classes: list[str] | None = None, *, check: bool = False,
@@ -244,3 +314,14 @@ def resolve_images(spec: str | Path, *, check: bool = False, strict: bool = Fals
     what = "is not a folder" if Path(s).exists() else "does not exist"
     raise MeddapError(f"{s} {what}; expected a dataset folder of class folders or a split "
                       f"spec SPLIT.json:FOLD:PART (e.g. split.json:0:train).")
+
+
+def resolve_training_images(spec: str) -> ImageSet:
+    """`resolve_images(spec)` for a trainer: every class folder must hold an image
+    (an empty one would silently train a model with a class it never saw)."""
+    image_set = resolve_images(spec)
+    empty = [c for c, n in image_set.counts().items() if n == 0]
+    if empty:
+        raise MeddapError(f"class {empty[0]!r} of {spec} has no images ({image_set.root / empty[0]}); "
+                          f"every class folder needs at least one PNG/JPEG/BMP/TIFF image.")
+    return image_set

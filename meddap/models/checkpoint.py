@@ -116,6 +116,7 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
 
     Layout: 8-byte little-endian header length N, N bytes of JSON
     {name: {dtype, shape, data_offsets: [begin, end]}}, then the data.
+    The header is untrusted input: anything but that flat form is a MeddapError.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -125,7 +126,10 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
                               f"{n} does not fit in {size} bytes).")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:   # a flat header nests 3 deep; this one overflows the parser's stack
+            raise MeddapError(f"{path}: the header is not a flat safetensors header (its JSON is nested "
+                              f"too deep); the file is damaged or not a safetensors file.") from None
+        except ValueError as e:  # JSON and UTF-8 errors, and integers over Python's 4300 digits
             raise MeddapError(f"{path}: the safetensors header is not valid JSON ({e}); "
                               f"the file is damaged or not a safetensors file.") from None
         if not isinstance(header, dict):
@@ -134,16 +138,8 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
     header.pop("__metadata__", None)
     tensors, pages = {}, {}
     for name, info in header.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-            count = math.prod(shape)
-        except (KeyError, TypeError, ValueError):
-            raise MeddapError(f"{path}: the header entry of tensor {name} is malformed ({info!r:.80}); "
-                              f"the file is damaged.") from None
-        dtype = SAFETENSORS_DTYPES.get(code)
-        if dtype is None:
-            raise MeddapError(f"{path}: tensor {name} has dtype {code!r}; "
-                              f"meddap reads {', '.join(SAFETENSORS_DTYPES)}.")
+        dtype, shape, begin, end = _header_entry(path, name, info)
+        count = math.prod(shape)
         start = 8 + n + begin
         if 8 + n + end > size:
             raise MeddapError(f"{path}: tensor {name} ends at byte {8 + n + end} but the file has "
@@ -159,6 +155,29 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=start).view(shape)
         pages[name] = (mm, start, end - begin)
     return tensors, pages
+
+
+def _header_entry(path: Path, name: str, info) -> tuple[torch.dtype, list[int], int, int]:
+    """dtype, shape and data offsets [begin, end) of one safetensors header entry, checked:
+    {"dtype": one of SAFETENSORS_DTYPES, "shape": [int >= 0, ...], "data_offsets": [begin, end]}
+    with integers 0 <= begin <= end (true integers: no floats, strings or booleans), and a
+    shape whose strides fit torch's int64 (even an empty tensor computes them)."""
+    def is_count(x) -> bool:
+        return type(x) is int and x >= 0
+
+    shape = info.get("shape") if isinstance(info, dict) else None
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (isinstance(shape, list) and all(is_count(d) for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1] and math.prod(max(d, 1) for d in shape) < 2 ** 63):
+        raise MeddapError(f"{path}: the header entry of tensor {name} is malformed ({info!r:.80}); "
+                          f"the file is damaged.")
+    code = info.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        raise MeddapError(f"{path}: tensor {name} has dtype {code!r:.40}; "
+                          f"meddap reads {', '.join(SAFETENSORS_DTYPES)}.")
+    return dtype, shape, offsets[0], offsets[1]
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
