@@ -7,6 +7,14 @@ Device: a field holds None or "" (auto; "" is how a TOML file says it) or a name
 - A CUDA name on a machine without a usable GPU is an error, not a fallback.
 
 Dtype: "fp32" | "fp16" | "bf16"; bf16 on a GPU without bf16 support is an error.
+
+Bitwise reproducibility (the claims of train-lora, classify train and the
+generation resume rule): it holds on the CPU. On CUDA it needs cuDNN's
+autotuner off (`pin_cudnn`, called where such a claim is made, so each run
+picks the same convolution algorithms) and `torch.use_deterministic_algorithms(True)`
+(with CUBLAS_WORKSPACE_CONFIG=:4096:8), and even then it is not guaranteed:
+SDPA and cuDNN backward kernels accumulate with atomics, and
+adaptive_avg_pool2d's backward has no deterministic CUDA kernel.
 """
 from __future__ import annotations
 
@@ -72,3 +80,15 @@ def resolve_dtype(name: str, device=None, flag: str = "--dtype"):
         raise MeddapError(f"{flag} bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           f"use fp16 or fp32.")
     return dtype
+
+
+def pin_cudnn() -> None:
+    """Turn cuDNN's autotuner off: `torch.backends.cudnn.benchmark = False` (torch's default).
+
+    With it on, cuDNN times several convolution algorithms per input shape and keeps the
+    fastest, which may differ from run to run and round differently. Called at the start of
+    the commands that promise bitwise-repeatable results (see the module docstring).
+    """
+    import torch
+
+    torch.backends.cudnn.benchmark = False

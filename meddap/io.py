@@ -58,6 +58,19 @@ def _create_temporary(path: Path) -> Path:
                       f"taken; remove the .*.tmp files in {path.parent}.")
 
 
+def output_folder(out: str | os.PathLike) -> Path:
+    """`out`, created; an error naming it when it cannot be created or written."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MeddapError(f"cannot create output folder {out}: {e.strerror}; "
+                          f"choose a folder you can write to.") from e
+    if not out.is_dir() or not os.access(out, os.W_OK):
+        raise MeddapError(f"output folder {out} is not writable; choose a folder you can write to.")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` on success.
@@ -68,15 +81,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     remove those at start with `clean_stale_temporaries`.
     """
     path = Path(path)
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MeddapError(f"cannot create output folder {folder}: {e.strerror}; "
-                          f"choose a folder you can write to.") from e
-    if not os.access(folder, os.W_OK):
-        raise MeddapError(f"output folder {folder} is not writable; "
-                          f"choose a folder you can write to.")
+    output_folder(path.parent)
     tmp = _create_temporary(path)
     try:
         yield tmp

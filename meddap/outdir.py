@@ -41,7 +41,7 @@ from typing import Iterator
 
 from meddap import __version__
 from meddap.errors import MeddapError
-from meddap.io import write_json_atomic
+from meddap.io import output_folder, write_json_atomic
 
 MARKER = ".meddap.json"
 LOCK = ".meddap.lock"
@@ -128,12 +128,7 @@ def folder_lock(folder: str | os.PathLike, job_id: str | None = None) -> Iterato
     holding it may enter again. Raises MeddapError at once if another live
     process holds it.
     """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MeddapError(f"cannot create output folder {folder}: {e.strerror}; "
-                          f"choose a folder you can write to.") from e
+    folder = output_folder(folder)
     path = folder / LOCK
     me = {"event": "enter", "host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
           "job_id": job_id}

@@ -131,6 +131,16 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+# type -> (what it accepts, what it must be, conversion); bool is not a number here.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "must be true or false", bool),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "must be a whole number", int),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "must be a number", float),
+    str: (lambda v: isinstance(v, str), "must be a string", str),
+    Path: (lambda v: isinstance(v, (str, Path)), "must be a path (a string)", Path),
+}
+
+
 def coerce(value, tp, name: str, parse=None):
     """What the user gave -> a value of type `tp`, or a MeddapError naming `name`."""
     if parse is not None:
@@ -148,26 +158,11 @@ def coerce(value, tp, name: str, parse=None):
             raise MeddapError(f"{name} = {value!r} is not allowed; choose one of "
                               f"{', '.join(map(repr, allowed))}.")
         return tp(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise MeddapError(f"{name} = {value!r} must be true or false.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MeddapError(f"{name} = {value!r} must be a whole number.")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MeddapError(f"{name} = {value!r} must be a number.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise MeddapError(f"{name} = {value!r} must be a string.")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise MeddapError(f"{name} = {value!r} must be a path (a string).")
-        return Path(value)
+    if tp in _SCALARS:
+        accepts, must, convert = _SCALARS[tp]
+        if not accepts(value):
+            raise MeddapError(f"{name} = {value!r} {must}.")
+        return convert(value)
     origin = typing.get_origin(tp)
     if origin is tuple:
         item = typing.get_args(tp)[0]

@@ -39,7 +39,11 @@ text, so expectations name a line by its code rather than its number.
 Patched only while the context is open: `torch.cuda.mem_get_info` answers
 (free_bytes, total_bytes) as given to `fake_cuda`, for code that sizes work
 by the free device memory. `torch.cuda.is_available()` stays False: build
-and move modules with explicit devices.
+and move modules with explicit devices. `cuda_autocast(dtype)` is the
+`torch.autocast("cuda", dtype)` context that meddap code opens on a GPU
+(torch.autocast turns itself off when is_available() is False).
+Backward does not run here (the autograd engine asks the driver for the
+device's context); run a backward on the `meta` device instead.
 Not covered: operators with data-dependent output shapes (nonzero, boolean
 masks) raise torch's DynamicOutputShapeException under the fake mode.
 """
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from unittest import mock
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +163,10 @@ def fake_cuda(dtype: torch.dtype = torch.float32, free_bytes: int = 64 * 2**30,
     finally:
         torch.cuda.mem_get_info = previous_mem_get_info
         torch.set_default_dtype(previous_dtype)
+
+
+def cuda_autocast(dtype: torch.dtype = torch.float16) -> torch.autocast:
+    """torch.autocast("cuda", dtype), enabled although no driver is loaded (is_available()
+    is patched to True while the context object is built, and only then)."""
+    with mock.patch("torch.cuda.is_available", return_value=True):
+        return torch.autocast("cuda", dtype=dtype)

@@ -12,7 +12,9 @@ hashes (SHA-256) to its manifest line and that line has this run's settings.
 Otherwise the whole chunk is sampled again as one batch and only its missing or
 bad files are written: float32 kernels may round a row differently in a batch
 of another size, so each image sees the batch it had in an uninterrupted run and
-comes out bitwise equal to what that run wrote.
+comes out bitwise equal to what that run wrote: on the CPU; on CUDA only with
+cudnn.benchmark off (`write_images` pins it) and torch.use_deterministic_algorithms(True),
+and not guaranteed even then (SDPA kernels may use atomics; see meddap.device).
 - A file whose line has other settings stops the run: it belongs to another run.
 - A PNG without a line (the run was killed between the PNG's atomic rename and
   its line) is adopted when its own text chunks carry this run's settings.
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from meddap.device import DEVICE_HELP, check_device_name, check_dtype_name
+from meddap.device import DEVICE_HELP, check_device_name, check_dtype_name, pin_cudnn
 from meddap.errors import MeddapError
 from meddap.sampling.samplers import Sampler
 from meddap.sampling.schedule import SD_NUM_TRAIN_TIMESTEPS
@@ -47,7 +49,7 @@ class GenerationConfig:
     """How images are sampled. Defaults are the MEDDAP authors' generation settings
     (released Inference_percent_breast.py: diffusers' SD v1.4 pipeline, PNDM, 30 steps,
     guidance 7.5, 512 x 512); they ran fp16, we default to fp32 (bitwise reproducible
-    on the CPU)."""
+    on the CPU; on CUDA see the resume rule above)."""
     sampler: Sampler = setting(Sampler.PNDM, help="reverse-process sampler")
     steps: int = setting(30, check=in_range(1, SD_NUM_TRAIN_TIMESTEPS), help="sampling steps")
     guidance: float = setting(7.5, check=all_of(finite(), in_range(*GUIDANCE_RANGE)),
@@ -189,6 +191,7 @@ def write_images(sd, cfg: GenerationConfig, jobs: Sequence[ImageJob], out: str |
     from meddap.progress import Progress
     from meddap.sampling.text_to_image import TextToImage, write_png
 
+    pin_cudnn()                                     # the same convolution algorithms in every run
     out = output_folder(out)
     manifest = Path(manifest) if manifest is not None else out / MANIFEST_NAME
     extra = dict(extra_settings or {})

@@ -75,8 +75,9 @@ def draw_noise(like: torch.Tensor, generator: Generators) -> torch.Tensor:
 
     Drawn in float32 on the generator's device (the CPU for the default generator)
     and then moved, so a seed gives the same numbers on any accelerator. With a
-    list of generators, row b is drawn from generator b alone, shape (1, C, H, W):
-    an image's noise then does not depend on the other rows of the batch.
+    list of generators (all on one device), row b is drawn from generator b alone,
+    shape (1, C, H, W): an image's noise then does not depend on the other rows of
+    the batch. The rows are stacked where they were drawn and moved in one copy.
     """
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else torch.device("cpu")
@@ -87,8 +88,8 @@ def draw_noise(like: torch.Tensor, generator: Generators) -> torch.Tensor:
                               f"pass one generator per batch row, or a single generator.")
         rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=torch.float32)
                 for g in generator]
-        z = torch.cat([r.to(like.device) for r in rows])           # (B, C, H, W)
-    return z.to(device=like.device, dtype=like.dtype)
+        z = torch.cat(rows)                                         # (B, C, H, W) on the generators' device
+    return z.to(device=like.device, dtype=like.dtype)               # one copy to the device
 
 
 def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
