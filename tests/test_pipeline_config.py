@@ -1,6 +1,7 @@
 """The run config: shipped configs load with the paper's defaults; bad values name the key
 and what is accepted; stages skip, resume and redo by the hashes of their inputs."""
 import json
+import re
 
 import pytest
 
@@ -80,3 +81,28 @@ def test_stage_skips_resumes_and_redoes(tmp_path):
     assert not changed.done() and "inputs changed" in log[-2]
     assert not (st.folder / "out.txt").exists()            # redone from scratch,
     assert not (tmp_path / "elsewhere").exists()           # with the outputs it owns elsewhere
+
+
+@pytest.mark.parametrize("cls_path, field, value, command, section", [
+    ("meddap.lora.train:LoRARunConfig", "rank", 7, ["train-lora"], "lora"),
+    ("meddap.sampling.generation:GenerationConfig", "steps", 17, ["expand"], "generate"),
+    ("meddap.classify.train:TrainConfig", "epochs", 9, ["classify", "train"], "classify"),
+    ("meddap.data.splits:SplitConfig", "val", 11, ["split"], "data"),
+    ("meddap.fid.config:FidConfig", "kid_subsets", 13, ["fid"], "fid"),
+])
+def test_a_default_is_declared_once(monkeypatch, capsys, cls_path, field, value, command, section):
+    """Change one default in the stage's dataclass: the command's --help and the TOML reader both see it."""
+    import dataclasses
+    import importlib
+
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    monkeypatch.setattr(cls.__dataclass_fields__[field], "default", value)
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    flag = "--" + field.replace("_", "-")
+    assert re.search(re.escape(flag) + r" [A-Z_]+ (?:(?! --).)*?" + re.escape(f"(default: {value})"), text), text
+    cfg = config_from_dict({})
+    assert getattr(getattr(cfg, section), field) == value
+    assert dataclasses.fields(getattr(cfg, section))      # a dataclass section, not a parallel copy

@@ -28,7 +28,6 @@ saved once as `init.pt` and loaded by every condition.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from meddap.errors import MeddapError
-from meddap.io import read_torch_state_dict, sha256_file, write_bytes_atomic
+from meddap.io import read_torch_state_dict, save_torch_atomic, sha256_file
 
 # Old DenseNet checkpoints (including torchvision's own densenet121-a639ec97.pth)
 # name a dense layer's modules `norm.1`, `conv.2`, ...; today's modules are
@@ -239,9 +238,7 @@ def make_initial_state(arch: Arch, classes: list[str], seed: int,
 
 
 def save_initial_state(init: InitialState, path: str | Path) -> None:
-    buf = io.BytesIO()
-    torch.save({**init.provenance(), "state_dict": init.state_dict}, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    save_torch_atomic({**init.provenance(), "state_dict": init.state_dict}, path)
 
 
 def load_initial_state(path: str | Path) -> InitialState:
