@@ -227,6 +227,15 @@ def test_unreadable_and_foreign_files(tmp_path):
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(MeddapError, match="not a readable safetensors file"):
         read_lora_file(junk)
+    with pytest.raises(MeddapError, match=r"adapter file \S+junk\.safetensors is not a readable safetensors "
+                                          r"file \(not a safetensors file, or truncated .*\); expected a meddap"):
+        read_lora_file(junk)
+    damaged = tmp_path / "damaged.safetensors"
+    save_lora(tiny_adapted(), damaged)
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:len(data) // 2])
+    with pytest.raises(MeddapError, match=r"not a readable safetensors file \(tensor \S+ ends at byte"):
+        read_lora_file(damaged)
     with pytest.raises(MeddapError, match="does not exist"):
         read_lora_file(tmp_path / "missing.safetensors")
     foreign = tmp_path / "foreign.safetensors"

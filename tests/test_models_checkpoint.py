@@ -1,16 +1,18 @@
 """Checkpoint reading: safety, strictness, model families, bad input, inspect-checkpoint."""
 import json
 import os
+import re
 import sys
 import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from meddap.cli import main
 from meddap.errors import MeddapError
-from meddap.models.checkpoint import PREFIXES, read_state_dict, write_safetensors
+from meddap.models.checkpoint import PREFIXES, read_safetensors, read_state_dict, write_safetensors
 from meddap.models.stable_diffusion import checkpoint_state_dict, load_stable_diffusion
 from sd_files import POSITION_IDS, random_state_dict, save_ckpt, write_random_checkpoint
 
@@ -40,6 +42,80 @@ def test_safetensors_reader_matches_safetensors_library(tmp_path):
     back = load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # atomic: no temp left
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor, so that NaN, -0.0 and inf compare bit for bit."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def oracle_tensors() -> dict[str, torch.Tensor]:
+    special = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), 1e-42, 65504.0, 3.0e38])
+    g = torch.Generator().manual_seed(0)
+    return {"f32": torch.cat([torch.randn(5, generator=g), special]).reshape(3, 4),
+            "f16": torch.cat([torch.randn(9, generator=g), special]).half().reshape(4, 4),
+            "bf16": torch.cat([torch.randn(2, generator=g), special]).bfloat16().reshape(1, 9),
+            "empty": torch.zeros(2, 0, 3), "empty_f16": torch.zeros(0, dtype=torch.float16)}
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (got[k].dtype, got[k].shape) == (want[k].dtype, want[k].shape), k
+        assert torch.equal(bits(got[k]), bits(want[k])), k
+
+
+def test_our_codec_and_the_safetensors_library_read_each_others_files(tmp_path):
+    tensors, metadata = oracle_tensors(), {"meddap_rank": "4", "format": "pt", "empty": "", "ü": "∆W"}
+    # ours -> the library
+    write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == metadata
+        assert_same_tensors({k: f.get_tensor(k) for k in f.keys()}, tensors)
+    # the library -> ours
+    save_file(tensors, tmp_path / "lib.safetensors", metadata=metadata)
+    got, got_metadata = read_safetensors(tmp_path / "lib.safetensors")
+    assert got_metadata == metadata
+    assert_same_tensors(got, tensors)
+    # no metadata written: none read, by either
+    write_safetensors(tmp_path / "bare.safetensors", tensors)
+    with safe_open(tmp_path / "bare.safetensors", "pt") as f:
+        assert f.metadata() is None
+    assert read_safetensors(tmp_path / "bare.safetensors")[1] == {}
+    save_file(tensors, tmp_path / "lib_bare.safetensors")
+    assert read_safetensors(tmp_path / "lib_bare.safetensors")[1] == {}
+
+
+def test_read_safetensors_copies_tensors_out_of_the_file(tmp_path):
+    path = tmp_path / "a.safetensors"
+    write_safetensors(path, {"w": torch.arange(6.0)})
+    tensors, _ = read_safetensors(path)
+    with open(path, "r+b") as f:                    # overwrite the data in place, same size
+        f.seek(path.stat().st_size - 24)
+        f.write(torch.full((6,), -1.0).numpy().tobytes())
+    assert torch.equal(tensors["w"], torch.arange(6.0))
+    tensors["w"] += 1                               # an ordinary, writable tensor
+    assert torch.equal(read_safetensors(path)[0]["w"], torch.full((6,), -1.0))
+
+
+@pytest.mark.parametrize("metadata", ['[1, 2]', '"pt"', '{"rank": 4}', '{"a": null}', '{"a": {"b": "c"}}'])
+def test_metadata_that_is_not_strings_is_refused(tmp_path, metadata):
+    header = ('{"__metadata__": ' + metadata + ', "w": {"dtype": "F32", "shape": [1], '
+              '"data_offsets": [0, 4]}}').encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    message = rf"m\.safetensors: the header's __metadata__ is not an object of strings \({re.escape(repr(json.loads(metadata)))}\); "
+    for read in (read_safetensors, read_state_dict):
+        with pytest.raises(MeddapError, match=message):
+            read(path)
+
+
+def test_writer_names_a_dtype_it_cannot_store(tmp_path):
+    with pytest.raises(MeddapError, match=r"c\.safetensors: tensor z has dtype torch\.complex64; "
+                                          r"safetensors files hold torch\.float64, torch\.float32"):
+        write_safetensors(tmp_path / "c.safetensors", {"ok": torch.zeros(1), "z": torch.zeros(2, dtype=torch.cfloat)})
+    assert list(tmp_path.iterdir()) == []           # nothing written
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])

@@ -37,13 +37,12 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from meddap.errors import MeddapError
-from meddap.io import atomic_path, sha256_file
+from meddap.io import sha256_file
 from meddap.lora.adapter import TARGET_PRESETS, LoRALinear, inject_lora, lora_layers, lora_state_dict
+from meddap.models.checkpoint import read_safetensors, write_safetensors
 
 
 class LoRAFormat(Enum):
@@ -133,11 +132,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if not path.is_file():
         raise MeddapError(f"adapter file {path} does not exist.")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise MeddapError(f"adapter file {path} is not a readable safetensors file ({e}); "
-                          f"expected a meddap or diffusers LoRA .safetensors file.") from e
+        return read_safetensors(path)
+    except (MeddapError, OSError) as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise MeddapError(f"adapter file {path} is not a readable safetensors file ({detail}); "
+                          f"expected a meddap or diffusers LoRA .safetensors file.") from None
 
 
 def _check_pairs(path: Path, tensors: dict[str, torch.Tensor]) -> int:
@@ -237,8 +236,7 @@ def write_lora_file(path: str | Path, lora: LoRAFile, to: LoRAFormat | str) -> N
                 v = v * scale
             tensors[meddap_key_to_diffusers(k)] = v.contiguous()
         meta = {"format": "pt"}   # what the authors' file (and diffusers) carries
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 # --- the UNet-facing API -------------------------------------------------------

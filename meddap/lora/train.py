@@ -38,7 +38,7 @@ from meddap.data.datasets import ImageSet, load_rgb, resolve_training_images
 from meddap.data.prompts import prompt_for
 from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_device, resolve_dtype
 from meddap.errors import MeddapError
-from meddap.io import save_torch_atomic, sha256_bytes, truncate_log
+from meddap.io import dataset_sha256, save_torch_atomic, truncate_log
 from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
 from meddap.lora.files import save_lora
 from meddap.models.vae import sample_posterior
@@ -168,8 +168,8 @@ class TrainImages:
         return len(self.items)
 
     def fingerprint(self) -> str:
-        """SHA-256 over the (path, class) list: a resume must see the same data."""
-        return sha256_bytes("".join(f"{it.path}\t{it.label}\n" for it in self.items).encode())
+        """meddap.io.dataset_sha256 of the images: a resume must see the same data."""
+        return dataset_sha256(self.items)
 
     def prompts(self, as_released: bool) -> list[str]:
         """One training prompt per class (MEDDAP section 3.2, or the released caption)."""

@@ -3,6 +3,12 @@
 Formats (all give tensors under the original CompVis checkpoint names):
   * `.safetensors`: memory-mapped; a tensor is a view into the file until a
     loader copies it (then its pages are handed back, see `Checkpoint.take`).
+    meddap reads and writes this format itself, not with the `safetensors`
+    library: the library cannot hand a tensor's pages back while converting
+    tensor by tensor, so loading an fp32 file to fp16 would hold the whole file
+    and the converted model at once (tests/test_models_loading.py,
+    test_fp16_load_of_fp32_file_stays_within_1_5x_file_size, guards the peak).
+    `read_safetensors` and `write_safetensors` serve every other file (adapters).
   * `.ckpt` / `.pt` / `.pth` / `.bin`: torch pickles, read only through
     torch's weights-only unpickler (never the unrestricted one). Legacy SD
     files pickle `pytorch_lightning` objects (e.g. a ModelCheckpoint callback
@@ -102,7 +108,7 @@ def open_checkpoint(path) -> Checkpoint:
     if path.is_dir():
         return _open_diffusers_folder(path)
     if path.suffix == ".safetensors":
-        tensors, pages = _map_safetensors(path)
+        tensors, pages, _ = _map_safetensors(path)
         return Checkpoint(path, tensors, [path], pages)
     if path.suffix in PICKLE_SUFFIXES:
         return Checkpoint(path, _unwrap(_load_pickle(path), path), [path])
@@ -111,12 +117,20 @@ def open_checkpoint(path) -> Checkpoint:
 
 
 # ---- safetensors ---------------------------------------------------------------------
-def _map_safetensors(path: Path) -> tuple[dict, dict]:
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors file as ordinary CPU tensors (copied out of the
+    map, so they outlive it), and its `__metadata__` ({} if it has none)."""
+    tensors, _, metadata = _map_safetensors(Path(path))
+    return {name: t.clone() for name, t in tensors.items()}, metadata
+
+
+def _map_safetensors(path: Path) -> tuple[dict, dict, dict[str, str]]:
     """Parse a safetensors header and map the file (copy-on-write: the file is never written).
 
     Layout: 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then the data.
-    The header is untrusted input: anything but that flat form is a MeddapError.
+    {"__metadata__": {str: str} (optional), name: {dtype, shape, data_offsets: [begin, end]}},
+    then the data. The header is untrusted input: anything but that flat form is a MeddapError.
+    Returns the tensors (views into the map), their pages for `Checkpoint.take`, and the metadata.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -135,7 +149,10 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
         if not isinstance(header, dict):
             raise MeddapError(f"{path}: the safetensors header is not a JSON object; the file is damaged.")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise MeddapError(f"{path}: the header's __metadata__ is not an object of strings "
+                          f"({metadata!r:.80}); the file is damaged.")
     tensors, pages = {}, {}
     for name, info in header.items():
         dtype, shape, begin, end = _header_entry(path, name, info)
@@ -154,7 +171,7 @@ def _map_safetensors(path: Path) -> tuple[dict, dict]:
             warnings.simplefilter("ignore")
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=start).view(shape)
         pages[name] = (mm, start, end - begin)
-    return tensors, pages
+    return tensors, pages, metadata
 
 
 def _header_entry(path: Path, name: str, info) -> tuple[torch.dtype, list[int], int, int]:
@@ -187,6 +204,9 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, t in tensors.items():
+        if t.dtype not in names:
+            raise MeddapError(f"{path}: tensor {name} has dtype {t.dtype}; safetensors files hold "
+                              f"{', '.join(str(dt) for dt in names)}.")
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -296,7 +316,7 @@ def _open_diffusers_folder(folder: Path) -> Checkpoint:
         file = _component_file(folder, component)
         files.append(file)
         if file.suffix == ".safetensors":
-            part, part_pages = _map_safetensors(file)
+            part, part_pages, _ = _map_safetensors(file)
         else:
             part, part_pages = _unwrap(_load_pickle(file), file), {}
         if component == "text_encoder":
