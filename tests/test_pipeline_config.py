@@ -106,3 +106,31 @@ def test_a_default_is_declared_once(monkeypatch, capsys, cls_path, field, value,
     cfg = config_from_dict({})
     assert getattr(getattr(cfg, section), field) == value
     assert dataclasses.fields(getattr(cfg, section))      # a dataclass section, not a parallel copy
+
+
+TINY = "weights/tiny/tiny-sd.safetensors"
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"data": {"source": "phantom", "phantom_counts": {"benign": 5, "malignant": 5}, "val": 4, "test": 6}},
+     ["[data] val = 4 and [data] test = 6 leave no training images of the 10"]),
+    ({"lora": {"checkpoint": "{junk}"}}, ["[lora] checkpoint = ", "junk.safetensors", "not a safetensors file"]),
+    ({"fid": {"features": "inception", "inception_weights": "{missing}"}}, ["[fid] features = \"inception\""]),
+])
+def test_run_checks_its_files_and_sizes_before_any_work(tmp_path, raw, words):
+    from meddap.pipeline.run import run
+
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    base = {"data": {"source": "phantom", "phantom_size": 32,
+                     "phantom_counts": {"benign": 10, "malignant": 10}, "val": 2, "test": 2},
+            "lora": {"checkpoint": TINY}}
+    for section, keys in raw.items():
+        base[section] = {**base.get(section, {}), **{k: v.replace("{junk}", str(tmp_path / "junk.safetensors"))
+                                                     .replace("{missing}", str(tmp_path / "none.pth"))
+                                                     if isinstance(v, str) else v for k, v in keys.items()}}
+    cfg = config_from_dict(base, "my.toml")
+    with pytest.raises(MeddapError) as e:
+        run(cfg, tmp_path / "out")
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,48 @@ class Fold:
     check: Check | None
 
 
+# ---------------------------------------------------------------- 0. before any work
+
+def preflight(cfg: RunConfig, checkpoint: Path) -> None:
+    """Every file the run will read, opened with the safe loaders, and the split sizes checked
+    against the data, before any stage starts: a bad input costs seconds, not hours.
+
+    The SD file is parsed and its keys checked (header and mapping only for .safetensors);
+    the FID Inception file (when it will be used) and any torchvision ImageNet file in
+    weights/ are read and their hashes checked."""
+    from meddap.classify.networks import read_imagenet_state
+    from meddap.data.datasets import scan_folder
+    from meddap.fid import FeatureSpace, resolve_feature_space
+    from meddap.fid.inception import FID_WEIGHTS_SHA256, FID_WEIGHTS_URL, read_weights
+    from meddap.models.stable_diffusion import inspect_checkpoint
+
+    d = cfg.data
+    if d.source is DataSource.FOLDER:
+        real = resolve_path(d.path)
+        if not real.is_dir():
+            raise MeddapError(f"[data] path = {d.path!r}: folder {real} does not exist; put the BUSI class "
+                              f"folders (benign/, malignant/, normal/) there or change [data] path.")
+        n = sum(scan_folder(real).counts().values())
+    else:
+        n = sum(d.phantom_counts.values())
+    if d.val + d.test >= n:
+        raise MeddapError(f"[data] val = {d.val} and [data] test = {d.test} leave no training images of the "
+                          f"{n} real images; choose val + test < {n} (the paper: 115 + 120 of 780).")
+    try:
+        _, _, keys = inspect_checkpoint(checkpoint)
+        keys.raise_for_errors()
+    except MeddapError as e:
+        raise MeddapError(f"[lora] checkpoint = {cfg.lora.checkpoint!r}: {e}") from None
+    fid = replace(cfg.fid, inception_weights=str(resolve_path(cfg.fid.inception_weights)))
+    if resolve_feature_space(fid, _label("fid")) is FeatureSpace.INCEPTION:
+        read_weights(Path(fid.inception_weights), what="FID Inception (TF-2015 graph, pytorch-fid port)",
+                     origin=FID_WEIGHTS_URL, sha256=FID_WEIGHTS_SHA256)
+    for arch in cfg.classify.networks:
+        path = resolve_path("weights") / arch.spec.imagenet_file
+        if path.is_file():
+            read_imagenet_state(arch, path)
+
+
 # ---------------------------------------------------------------- 1-2. data and split
 
 def stage_data(ctx: Context) -> Data:
@@ -328,6 +370,7 @@ def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
         raise MeddapError(f"[lora] checkpoint = {cfg.lora.checkpoint!r}: {checkpoint} does not exist; "
                           f"put the SD v1.4 file there (see weights/README.md) or use the shipped tiny base "
                           f"weights/tiny/tiny-sd.safetensors.")
+    preflight(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     write_json_atomic(out / "config.json", {s: cfg.section_dict(s) for s in
