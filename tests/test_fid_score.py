@@ -34,7 +34,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     for name, seed, lo in (("real", 1, 0), ("x", 2, 40), ("y", 3, 90)):
         write_images(root / name / "benign", [(40, 36), (47, 33), (32, 32)], seed=seed, lo=lo)
-        write_images(root / name / "malignant", [(20, 28), (18, 18)], seed=seed + 10, lo=lo)
+        write_images(root / name / "malignant", [(36, 44), (34, 34)], seed=seed + 10, lo=lo)
     write_images(root / "gray" / "normal", [(37, 35), (32, 46)], seed=4, mode="L")
     return root
 
