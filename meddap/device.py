@@ -9,12 +9,15 @@ Device: a field holds None or "" (auto; "" is how a TOML file says it) or a name
 Dtype: "fp32" | "fp16" | "bf16"; bf16 on a GPU without bf16 support is an error.
 
 Bitwise reproducibility (the claims of train-lora, classify train and the
-generation resume rule): it holds on the CPU. On CUDA it needs cuDNN's
-autotuner off (`pin_cudnn`, called where such a claim is made, so each run
-picks the same convolution algorithms) and `torch.use_deterministic_algorithms(True)`
-(with CUBLAS_WORKSPACE_CONFIG=:4096:8), and even then it is not guaranteed:
-SDPA and cuDNN backward kernels accumulate with atomics, and
-adaptive_avg_pool2d's backward has no deterministic CUDA kernel.
+generation resume rule): it holds on the CPU with a fixed number of threads
+(torch.get_num_threads(): CPU kernels split their sums by thread; torchrun sets
+OMP_NUM_THREADS=1 for its ranks when it is unset, so they match a one-thread
+run, not a default one). On CUDA it needs cuDNN's autotuner off (`pin_cudnn`,
+called where such a claim is made, so each run picks the same convolution
+algorithms) and `torch.use_deterministic_algorithms(True)` (with
+CUBLAS_WORKSPACE_CONFIG=:4096:8), and even then it is not guaranteed: SDPA and
+cuDNN backward kernels accumulate with atomics, and adaptive_avg_pool2d's
+backward has no deterministic CUDA kernel.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Defaults are the authors': Adam at lr 1e-3, batch 32 with drop_last, 100
 epochs, images resized to 224 x 224, ImageNet mean/std, no augmentation,
 cross-entropy, and the checkpoint of best validation accuracy is kept.
+`--augment classic` adds the usual baseline the paper does not report (see
+`augment_batch`): the "classic" condition of the result tables.
 
 The loop reads as numbered steps: 1. data, 2. initial weights (shared by all
 conditions, see networks.py), 3. optimiser and resume, 4. epochs, 5. result.
@@ -16,29 +18,35 @@ Output folder:
     train.json the summary, written last; its presence means "finished"
 
 A run killed at any point and started again with the same command continues
-from the last finished epoch; on the CPU the result is bitwise the one of an
-uninterrupted run (the shuffle of epoch e comes from its own generator seeded
-by stream_seed(seed, e), dropout from the saved torch RNG state). On CUDA that
-holds only with cudnn.benchmark off (`train_classifier` pins it) and
-torch.use_deterministic_algorithms(True), and is not guaranteed even then:
-cuDNN backward uses atomics and adaptive_avg_pool2d's backward (in all three
-networks) has no deterministic CUDA kernel (see meddap.device). Re-running
-with a larger --epochs extends a finished run.
+from the last finished epoch; on the CPU (with the same number of threads)
+the result is bitwise the one of an uninterrupted run (the shuffle of epoch e
+comes from its own generator seeded by stream_seed(seed, e), dropout from the
+saved torch RNG state; classic augmentation draws from that same epoch
+generator, after the shuffle). On CUDA that holds only with cudnn.benchmark off
+(`train_classifier` pins it) and torch.use_deterministic_algorithms(True), and
+is not guaranteed even then: cuDNN backward uses atomics and
+adaptive_avg_pool2d's backward (in all three networks) has no deterministic
+CUDA kernel (see meddap.device). Re-running with a larger --epochs extends a
+finished run.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state,
                                       parse_arch)
@@ -54,6 +62,12 @@ from meddap.settings import above, at_least, setting
 # used by the released code's transforms.Normalize.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Augment(Enum):
+    """Training-image augmentation: none (as released) or classic (`augment_batch`)."""
+    NONE = "none"
+    CLASSIC = "classic"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +86,9 @@ class TrainConfig:
     seed: int = setting(0, check=at_least(0),
                         help="seed of the initial weights, the shuffles and dropout")
     size: int = setting(224, check=at_least(32), help="square input size in pixels")
+    augment: Augment = setting(Augment.NONE, help="training augmentation: none (as released) or "
+                               "classic (flip, rotation ±10°, resized crop 0.8-1, brightness/"
+                               "contrast ±0.2)")
     device: str | None = setting(None, check=check_device_name, help=DEVICE_HELP)
     init: Path | None = setting(None, help="shared initial weights file, made if absent; "
                                 "not given: OUT/init.pt")
@@ -82,7 +99,14 @@ class TrainConfig:
     def settings(self) -> dict:
         """What must not change when a run is resumed (epochs may grow)."""
         return {"arch": self.arch.value, "train": list(self.train), "val": self.val,
-                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "size": self.size}
+                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "size": self.size,
+                "augment": self.augment.value}
+
+
+def saved_settings(saved: dict) -> dict:
+    """Settings read from a state.pt or train.json; runs made before --augment
+    existed saved no `augment` and ran without augmentation."""
+    return {"augment": Augment.NONE.value, **saved}
 
 
 # ---------------------------------------------------------------- 1. data
@@ -157,6 +181,44 @@ def load_training_data(cfg: TrainConfig) -> tuple[TensorSet, TensorSet, str]:
             dataset_sha256([it for s in train_sets for it in s.items]))
 
 
+# ---------------------------------------------------------------- classic augmentation
+
+# torchvision.transforms' usual ranges for an augmentation baseline
+FLIP_P = 0.5                      # RandomHorizontalFlip(p=0.5)
+ROTATION_DEG = 10.0               # RandomRotation(10): angle ~ U(-10°, 10°)
+CROP_SCALE = (0.8, 1.0)           # RandomResizedCrop(scale=(0.8, 1.0)), area fraction
+JITTER = 0.2                      # ColorJitter(brightness=0.2, contrast=0.2): factor ~ U(0.8, 1.2)
+
+
+def augment_batch(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Classic augmentation of uint8 images (B, 3, S, S) -> (B, 3, S, S) uint8,
+    each image with its own parameters, all drawn from `gen` (CPU) as one
+    (B, 7) uniform draw, so a seeded generator gives the same batch again.
+
+    Per image, in this order: horizontal flip with p = 0.5; rotation by
+    U(-10°, 10°) (bilinear, black corners); a crop of area fraction
+    U(0.8, 1) at a uniform position, resized back to S x S (bilinear,
+    antialiased); brightness then contrast factors U(0.8, 1.2).
+    Note: torchvision's RandomResizedCrop also varies the aspect ratio in
+    [3/4, 4/3] and ColorJitter shuffles its order; our crop is square (the
+    inputs are square) and the order is fixed.
+    """
+    b, _, s, _ = images_u8.shape
+    u = torch.rand(b, 7, generator=gen, dtype=torch.float64).tolist()          # (B, 7)
+    out = []
+    for img, (flip, angle, scale, top, left, bright, contrast) in zip(images_u8, u):
+        if flip < FLIP_P:
+            img = TF.horizontal_flip(img)
+        img = TF.rotate(img, ROTATION_DEG * (2 * angle - 1), interpolation=InterpolationMode.BILINEAR)
+        side = max(1, round(s * math.sqrt(CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * scale)))
+        t, l = int(top * (s - side + 1)), int(left * (s - side + 1))
+        img = TF.resized_crop(img, t, l, side, side, [s, s], antialias=True)    # (3, S, S)
+        img = TF.adjust_brightness(img, 1 + JITTER * (2 * bright - 1))
+        img = TF.adjust_contrast(img, 1 + JITTER * (2 * contrast - 1))
+        out.append(img)
+    return torch.stack(out)
+
+
 # ---------------------------------------------------------------- helpers
 
 @torch.no_grad()
@@ -193,8 +255,9 @@ def train_classifier(cfg: TrainConfig) -> dict:
     summary_path, state_path = out / "train.json", out / "state.pt"
     if summary_path.exists():
         done = json.loads(summary_path.read_text(encoding="utf-8"))
+        saved = saved_settings(done["config"])
         if (done.get("complete") and done["config"]["epochs"] == cfg.epochs
-                and {k: done["config"][k] for k in cfg.settings()} == cfg.settings()):
+                and {k: saved.get(k) for k in cfg.settings()} == cfg.settings()):
             return done
 
     # 1. data (raises before anything is written when the input is wrong)
@@ -219,7 +282,7 @@ def train_classifier(cfg: TrainConfig) -> dict:
         except Exception as e:
             raise MeddapError(f"checkpoint {state_path} cannot be read ({type(e).__name__}); "
                               f"delete it to restart this run from epoch 0.") from e
-        if state["settings"] != cfg.settings():
+        if saved_settings(state["settings"]) != cfg.settings():
             raise MeddapError(f"{out} holds a run with settings {state['settings']}; this command "
                               f"asks {cfg.settings()}. Use another --out folder.")
         model.load_state_dict(state["model"])
@@ -250,7 +313,10 @@ def train_classifier(cfg: TrainConfig) -> dict:
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for b in range(n_batches):
             idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]             # (B,)
-            x, y = normalise(train_images[idx]), train_labels[idx]
+            x_u8, y = train_images[idx], train_labels[idx]                      # (B, 3, S, S), (B,)
+            if cfg.augment is Augment.CLASSIC:
+                x_u8 = augment_batch(x_u8, gen)
+            x = normalise(x_u8)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=on_cuda):
                 logits = model(x)                                               # (B, k)
                 loss = loss_fn(logits.float(), y)

@@ -16,11 +16,12 @@ Resize(224, bilinear) -> RandomCrop(224) -> random horizontal flip -> [-1, 1].
 run (adapter init, epoch order, crop, flip, posterior noise, t, ε) comes from
 one CPU generator seeded with `seed`, so a seed gives the same draws on any
 device; the arithmetic on them is not the same (GPU kernels differ from the
-CPU's). The generator's state is part of each checkpoint: on the CPU, a run
-killed and resumed ends bit for bit where an uninterrupted one does. On CUDA
-that holds only with cudnn.benchmark off (`train_lora` pins it) and
-torch.use_deterministic_algorithms(True), and is not guaranteed even then:
-SDPA and cuDNN backward kernels use atomics (see meddap.device).
+CPU's). The generator's state is part of each checkpoint: on the CPU (with the
+same number of threads), a run killed and resumed ends bit for bit where an
+uninterrupted one does. On CUDA that holds only with cudnn.benchmark off
+(`train_lora` pins it) and torch.use_deterministic_algorithms(True), and is not
+guaranteed even then: SDPA and cuDNN backward kernels use atomics (see
+meddap.device).
 """
 from __future__ import annotations
 

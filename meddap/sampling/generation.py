@@ -12,9 +12,10 @@ hashes (SHA-256) to its manifest line and that line has this run's settings.
 Otherwise the whole chunk is sampled again as one batch and only its missing or
 bad files are written: float32 kernels may round a row differently in a batch
 of another size, so each image sees the batch it had in an uninterrupted run and
-comes out bitwise equal to what that run wrote: on the CPU; on CUDA only with
-cudnn.benchmark off (`write_images` pins it) and torch.use_deterministic_algorithms(True),
-and not guaranteed even then (SDPA kernels may use atomics; see meddap.device).
+comes out bitwise equal to what that run wrote: on the CPU with the same number
+of threads; on CUDA only with cudnn.benchmark off (`write_images` pins it) and
+torch.use_deterministic_algorithms(True), and not guaranteed even then (SDPA
+kernels may use atomics; see meddap.device).
 - A file whose line has other settings stops the run: it belongs to another run.
 - A PNG without a line (the run was killed between the PNG's atomic rename and
   its line) is adopted when its own text chunks carry this run's settings.
@@ -89,6 +90,9 @@ def check_model_files(checkpoint: str, lora: str | None) -> None:
     if not Path(checkpoint).exists():
         raise MeddapError(f"checkpoint {checkpoint} does not exist; give a SD v1 "
                           f".ckpt/.safetensors file or a diffusers folder.")
+    if lora is not None and Path(lora).is_dir():
+        raise MeddapError(f"LoRA file {lora} is a directory, not a file; give an adapter file "
+                          f"(.safetensors, meddap or diffusers format).")
     if lora is not None and not Path(lora).is_file():
         raise MeddapError(f"LoRA file {lora} does not exist.")
 

@@ -148,9 +148,9 @@ def generate(sd, prompts: list[str], seeds: list[int], *, show_progress: bool = 
     width, negative, batch_size), checked by its rules; those not given take its
     defaults, the MEDDAP authors' generation settings. `sampler` may be a name.
     Image k's noise depends only on its seed, not on the batch it was sampled in;
-    its pixels may still differ in the last bits between batch sizes (float32
-    kernels round a row differently in a batch of another size; generation.py's
-    resume rule redoes whole chunks for this). metadata: see `TextToImage.__call__`.
+    kernels may still round a row differently in a batch of another size, which
+    can move a pixel by one grey level (generation.py's resume rule redoes whole
+    chunks for this). metadata: see `TextToImage.__call__`.
     """
     if isinstance(settings.get("sampler"), str):
         settings["sampler"] = Sampler.parse(settings["sampler"])
