@@ -1,6 +1,6 @@
 """Every picture meddap draws, with PIL (matplotlib is not a dependency):
-sample grids, the USLoRA loss curve and the bar charts of the classifier
-tables. Each drawing writes one PNG atomically (`save_png`). Grad-CAM's
+sample grids, the USLoRA loss curve, the bar charts of the classifier
+tables and their reliability diagrams. Each drawing writes one PNG atomically (`save_png`). Grad-CAM's
 panels are drawn in meddap/classify/gradcam.py, beside the colour map they use.
 """
 from __future__ import annotations
@@ -75,6 +75,24 @@ def loss_curve(csv_path: Path, path: Path, size: tuple[int, int] = (480, 240), s
     return path
 
 
+def pair_grid(pairs: list[tuple[Path, Path, str]], path: Path, columns: int = 8) -> Path:
+    """One cell per (top, bottom, caption): `top` above `bottom`, the caption under
+    them; `columns` cells a row (meddap memorization: a synthetic image above its
+    nearest training image, captioned with their distance)."""
+    caption_h = 14
+    cell_h = 2 * THUMB + caption_h
+    rows = max(1, -(-len(pairs) // columns))                         # ceil(len / columns)
+    grid = Image.new("RGB", (columns * (THUMB + 4), rows * (cell_h + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, (top, bottom, caption) in enumerate(pairs):
+        x, y = (n % columns) * (THUMB + 4), (n // columns) * (cell_h + 4)
+        grid.paste(Image.open(top).convert("RGB").resize((THUMB, THUMB)), (x, y))
+        grid.paste(Image.open(bottom).convert("RGB").resize((THUMB, THUMB)), (x, y + THUMB))
+        draw.text((x + 2, y + 2 * THUMB + 1), caption, fill="black")
+    save_png(grid, path)
+    return path
+
+
 # ---------------------------------------------------------------- bar charts (classifier tables)
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
@@ -119,3 +137,43 @@ def bar_chart(path: Path, title: str, groups: list[str], series: list[str],
         d.rectangle([x, y, x + 10, y + 10], fill=_PALETTE[i % len(_PALETTE)])
         d.text((x + 15, y - 1), s, fill="black")
     save_png(img, path)
+
+
+# ---------------------------------------------------------------- reliability diagrams (calibration)
+
+def reliability_diagram(path: Path, title: str, curves: dict[str, dict[str, list]],
+                        size: int = 300) -> Path:
+    """Accuracy against confidence per confidence bin (Guo et al. 2017, arXiv
+    1706.04599, Fig. 1), one coloured line per curve, with the diagonal of a
+    calibrated classifier. A curve is metrics.reliability_bins' sums
+    {count, correct, confidence} (M bins each); a point is (sum confidence /
+    count, sum correct / count) of a non-empty bin, drawn with a dot whose
+    area grows with the bin's share of the images."""
+    left, top, legend_h = 50, 30, 16 * len(curves) + 8
+    img = Image.new("RGB", (left + size + 20, top + size + 30 + legend_h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black")
+    xy = lambda conf, acc: (left + size * conf, top + size * (1.0 - acc))  # noqa: E731
+    for tick in range(0, 101, 20):
+        x, y = xy(tick / 100, tick / 100)
+        d.line([(left, y), (left + size, y)], fill=(230, 230, 230))
+        d.text((left - 30, y - 5), f"{tick}", fill="black")
+        d.text((x - 6, top + size + 4), f"{tick}", fill="black")
+    d.rectangle([left, top, left + size, top + size], outline="black")
+    d.line([xy(0, 0), xy(1, 1)], fill=(150, 150, 150))
+    d.text((left + size - 150, top + size + 16), "confidence % (x), accuracy % (y)", fill="black")
+    for i, (name, bins) in enumerate(curves.items()):
+        colour = _PALETTE[i % len(_PALETTE)]
+        n = max(sum(bins["count"]), 1)
+        points = [(xy(conf / cnt, ok / cnt), cnt / n) for cnt, ok, conf
+                  in zip(bins["count"], bins["correct"], bins["confidence"]) if cnt > 0]
+        if len(points) > 1:
+            d.line([p for p, _ in points], fill=colour, width=2)
+        for (x, y), share in points:
+            r = 2 + 6 * share ** 0.5
+            d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        y = top + size + 32 + 16 * i
+        d.rectangle([left, y, left + 10, y + 10], fill=colour)
+        d.text((left + 15, y - 1), name, fill="black")
+    save_png(img, path)
+    return path

@@ -1,10 +1,18 @@
-"""Output folders: who made one (the marker) and who is writing in it (the lock).
+"""Output folders: who made one (the marker) and who is writing in it (the lock);
+and output files, which must not name a folder (`check_output_file`).
+
+Every command that writes an output folder enters it with `owned_output`:
+take the lock, claim the folder, and (as the lock's first holder) remove the
+temporaries that killed writes left behind.
 
 Marker. `claim_folder` writes `.meddap.json` into a folder that is new or
 empty: {"command", "config_sha256", "version", "created"}. meddap writes only
 into folders it made: a folder with files but no marker belongs to someone
-else and is always refused, and a folder made by another command or config
-is refused unless `force` (the command line's --force) adopts it.
+else and is always refused. A folder made by the same command is accepted
+whatever its config hash: whether a run with more steps or other settings may
+resume there is that command's own resume rule to judge. A folder made by
+another command is refused unless `force` (the command line's --force) adopts
+it.
 
 Lock. `folder_lock` holds `.meddap.lock` while a command writes in the
 folder, so two runs never interleave their files. The lock file is a small
@@ -14,8 +22,9 @@ log of JSON lines, one per event:
 The first process creates it (open with O_CREAT | O_EXCL, atomic). Its
 holders are the processes that entered and have not left. Another process
 is refused at once, with a holder's host, PID and start time, unless
-  - it passes the lock's job id (ranks of one torchrun job, shards of one
-    array job): it appends its own "enter" line and shares the lock;
+  - it passes the lock's job id (ranks of one torchrun job share
+    TORCHELASTIC_RUN_ID, see `torchrun_job_id`): it appends its own "enter"
+    line and shares the lock;
   - every holder is dead (same host, `os.kill(pid, 0)` finds no process):
     the lock is stale (a killed run) and is taken over with a warning.
 The last holder out removes the file. Holders on another host cannot be
@@ -27,6 +36,7 @@ processes of one job on one host or give each its own folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -41,13 +51,14 @@ from typing import Iterator
 
 from meddap import __version__
 from meddap.errors import MeddapError
-from meddap.io import output_folder, write_json_atomic
+from meddap.io import clean_stale_temporaries, is_temporary_name, output_folder, write_json_atomic
 
 MARKER = ".meddap.json"
 LOCK = ".meddap.lock"
 _SHOWN_FILES = 3            # foreign files named in a refusal
 _READ_RETRIES = 100         # 10 ms apart: a creator writes its line right after creating the file
 _ENTER_TRIES = 100          # each try loses only to another process entering or leaving meanwhile
+FORCE_HELP = "adopt a folder that another meddap command created"
 
 
 def _now() -> str:
@@ -62,40 +73,46 @@ class Claim:
     adopted_from: dict | None     # with force: the marker of another command/config it replaced
 
 
-def claim_folder(folder: str | os.PathLike, command: str, config_sha256: str,
+def claim_folder(folder: str | os.PathLike, command: str, config_sha256: str = "",
                  force: bool = False) -> Claim:
     """Make `folder` this command's output folder, or refuse.
 
-    missing or empty (the lock file aside)  -> created, marker written
-    marker of this command and config       -> fine (a resumed run)
-    marker of another command or config     -> refused; `force` adopts it (new marker)
+    missing or empty (meddap's lock aside)  -> created, marker written
+    marker of this command (any config)     -> fine: the command's resume rule judges the files
+    marker of another command               -> refused; `force` adopts it (new marker)
     files but no marker                     -> refused, even with `force`
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MeddapError(f"output folder {folder} is a file; choose an empty or new folder.")
     marker = folder / MARKER
-    mine = {"command": command, "config_sha256": config_sha256}
+    mine = {"command": command, "config_sha256": config_sha256, "version": __version__}
     if not marker.exists():
-        found = sorted(e.name for e in os.scandir(folder) if e.name != LOCK) if folder.exists() else []
+        found = sorted(e.name for e in os.scandir(folder) if not _is_ours(e.name)) if folder.exists() else []
         if found:
             shown = ", ".join(found[:_SHOWN_FILES]) + (f" and {len(found) - _SHOWN_FILES} more"
                                                        if len(found) > _SHOWN_FILES else "")
             why = " (--force only reuses folders meddap created)" if force else ""
             raise MeddapError(f"output folder {folder} is not empty ({shown}) and has no {MARKER}: "
                               f"meddap did not create it; choose an empty or new folder{why}.")
-        write_json_atomic(marker, {**mine, "version": __version__, "created": _now()})
+        write_json_atomic(marker, {**mine, "created": _now()})
         return Claim(folder, created=True, adopted_from=None)
     theirs = _read_marker(marker)
-    if {k: theirs[k] for k in mine} == mine:
+    if theirs["command"] == command:
         return Claim(folder, created=False, adopted_from=None)
     if not force:
-        raise MeddapError(f"output folder {folder} was made by `meddap {theirs['command']}` with config "
-                          f"{theirs['config_sha256']}, not by `meddap {command}` with config "
-                          f"{config_sha256}; choose another folder, or pass --force to reuse it "
+        raise MeddapError(f"output folder {folder} was made by `meddap {theirs['command']}`, not by "
+                          f"`meddap {command}`; choose another folder, or pass --force to adopt it "
                           f"(its files may be overwritten).")
-    write_json_atomic(marker, {**mine, "version": __version__, "created": _now()})
+    write_json_atomic(marker, {**mine, "created": _now()})
     return Claim(folder, created=False, adopted_from=theirs)
+
+
+def _is_ours(name: str) -> bool:
+    """The lock, a lock being released, or the marker's temporary while another
+    process of the same job writes it: not files that make a folder "not empty"."""
+    return (name == LOCK or (name.startswith(f"{LOCK}.") and name.endswith(".released"))
+            or (name.startswith(f".{MARKER}.") and is_temporary_name(name)))
 
 
 def _read_marker(marker: Path) -> dict:
@@ -284,3 +301,65 @@ def _set_aside(path: Path) -> Path | None:
         os.link(aside, path)
     aside.unlink()
     return None
+
+
+# ---- both: a command's output folder ------------------------------------------------
+def settings_sha256(values: dict) -> str:
+    """SHA-256 of a command's settings as sorted JSON (`settings.as_dict`): the marker's
+    record of what made a folder (the same formula as meddap.pipeline.stages.json_sha256)."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def torchrun_job_id() -> str | None:
+    """The job id that the processes of one launch share: torchrun's TORCHELASTIC_RUN_ID
+    (the same in every rank), None for a process started on its own."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+@contextlib.contextmanager
+def owned_output(folder: str | os.PathLike, command: str, config_sha256: str = "",
+                 force: bool = False, job_id: str | None = None) -> Iterator[Claim]:
+    """Hold `folder` for the block as `command`'s output folder.
+
+    1. take its lock (`folder_lock`: refused at once while another process
+       writes there; `job_id` shares it among one job's processes);
+    2. claim it (`claim_folder`: refused when another command or no meddap
+       command made it; `force` adopts another command's folder);
+    3. as the first holder, remove the temporaries of killed writes
+       (`meddap.io.clean_stale_temporaries`); a later holder of the same job
+       leaves them, they may be its partners' writes in progress.
+    A block that fails before writing anything leaves no trace: the marker it
+    wrote is removed, and the folder too when this call made it.
+    """
+    made = not Path(folder).exists()
+    try:
+        with folder_lock(folder, job_id) as lock:
+            claim = claim_folder(lock.folder, command, config_sha256, force)
+            if lock.first:
+                clean_stale_temporaries(lock.folder)
+            try:
+                yield claim
+            except BaseException:
+                if claim.created and _only_marker(lock.folder):
+                    (lock.folder / MARKER).unlink()
+                raise
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):          # not empty (files, a partner's lock): kept
+                os.rmdir(folder)
+        raise
+
+
+def _only_marker(folder: Path) -> bool:
+    return [e.name for e in os.scandir(folder) if not _is_ours(e.name)] == [MARKER]
+
+
+# ---- output files ---------------------------------------------------------------------
+def check_output_file(path: str | os.PathLike, what: str, example: str) -> Path:
+    """`path` as a file to write; when it is a directory, an error naming `what`
+    (e.g. "--out") that suggests the file `example` inside it."""
+    path = Path(path)
+    if path.is_dir():
+        raise MeddapError(f"{what} {path} is a directory, not a file; give the name of a file "
+                          f"to write, e.g. {path / example}.")
+    return path

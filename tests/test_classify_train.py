@@ -17,7 +17,7 @@ from meddap.classify.evaluate import evaluate
 from meddap.classify.networks import (ARCHITECTURES, Arch, build_network,
                                       load_imagenet_body, make_initial_state, read_imagenet_state,
                                       state_sha256)
-from meddap.classify.train import TrainConfig, train_classifier
+from meddap.classify.train import Augment, TrainConfig, train_classifier
 from meddap.cli import main
 from meddap.data.datasets import resolve_images
 from meddap.errors import MeddapError
@@ -190,15 +190,16 @@ def test_train_help_shows_the_config_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     # the authors' defaults (evaluate_new.py), and auto device (meddap.device's rule)
     expected = {"epochs": 100, "batch_size": 32, "lr": 0.001, "seed": 0, "size": 224,
-                "device": None, "init": None, "weights_dir": Path("weights")}
+                "augment": Augment.NONE, "device": None, "init": None, "weights_dir": Path("weights")}
     shown = {f.name: f.default for f in dataclasses.fields(TrainConfig)
              if f.metadata["cli"] and f.default is not dataclasses.MISSING}
     assert shown == expected
     for name, default in expected.items():
         if default is None:                # explained by the help text (auto device, OUT/init.pt)
             continue
+        default = default.value if isinstance(default, Augment) else default
         flag = "--" + name.replace("_", "-")
-        help_of_flag = r" [A-Z_]+ (?:(?! --).)*?"              # up to the next flag
+        help_of_flag = r" (?:[A-Z_]+|\{[a-z,]+\}) (?:(?! --).)*?"  # metavar or choices, up to the next flag
         assert re.search(re.escape(flag) + help_of_flag + re.escape(f"(default: {default})"), text), flag
     for flag in ("--arch ARCH", "--train TRAIN", "--val VAL", "--out OUT", "--quiet"):
         assert flag in text

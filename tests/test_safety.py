@@ -15,7 +15,8 @@ import torch
 from meddap import __version__
 from meddap.errors import MeddapError
 from meddap.models.checkpoint import read_state_dict, write_safetensors
-from meddap.outdir import LOCK, MARKER, claim_folder, folder_lock
+from meddap.outdir import (FORCE_HELP, LOCK, MARKER, check_output_file, claim_folder, folder_lock,
+                           owned_output, settings_sha256, torchrun_job_id)
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -33,17 +34,19 @@ def test_new_or_empty_folder_is_claimed_with_a_marker(tmp_path):
         assert claim_folder(tmp_path / "locked", "sample", SHA_A).created
 
 
-def test_same_command_and_config_resume_another_needs_force(tmp_path):
+def test_same_command_resumes_whatever_its_config_another_needs_force(tmp_path):
     out = tmp_path / "out"
     claim_folder(out, "sample", SHA_A)
     (out / "image.png").write_bytes(b"x")
-    again = claim_folder(out, "sample", SHA_A)
-    assert not again.created and again.adopted_from is None
-    for command, sha in (("train-lora", SHA_A), ("sample", SHA_B)):
-        with pytest.raises(MeddapError, match=rf"output folder {re.escape(str(out))} was made by `meddap "
-                                              rf"sample` with config {SHA_A}, not by `meddap {command}` "
-                                              rf"with config {sha}; .*--force"):
-            claim_folder(out, command, sha)
+    for sha in (SHA_A, SHA_B):                              # e.g. more steps: the command's resume rule judges
+        again = claim_folder(out, "sample", sha)
+        assert not again.created and again.adopted_from is None
+    assert json.loads((out / MARKER).read_text())["config_sha256"] == SHA_A   # the marker is kept
+    with pytest.raises(MeddapError, match=rf"^output folder {re.escape(str(out))} was made by `meddap "
+                                          rf"sample`, not by `meddap train-lora`; choose another "
+                                          rf"folder, or pass --force to adopt it \(its files may be "
+                                          rf"overwritten\)\.$"):
+        claim_folder(out, "train-lora", SHA_A)
     adopted = claim_folder(out, "train-lora", SHA_B, force=True)
     assert adopted.adopted_from["command"] == "sample" and adopted.adopted_from["config_sha256"] == SHA_A
     marker = json.loads((out / MARKER).read_text())
@@ -71,6 +74,91 @@ def test_damaged_marker_and_file_in_place_of_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(MeddapError, match=r"output folder .*file is a file"):
         claim_folder(tmp_path / "file", "sample", SHA_A)
+
+
+def test_lock_and_marker_temporaries_do_not_make_a_folder_foreign(tmp_path):
+    """A second rank of one job may look while the first writes its marker."""
+    (tmp_path / f".{MARKER}.0123abcd.tmp").write_text("{")
+    (tmp_path / f"{LOCK}.89abcdef.released").write_text("")
+    assert claim_folder(tmp_path, "expand", SHA_A).created
+    (tmp_path / MARKER).unlink()
+    (tmp_path / ".other.0123abcd.tmp").write_text("")     # a temporary of some other file is a file
+    with pytest.raises(MeddapError, match=r"is not empty \(\.other\.0123abcd\.tmp\)"):
+        claim_folder(tmp_path, "expand", SHA_A)
+
+
+# ---- owned_output: lock, claim, clean ------------------------------------------------
+def test_owned_output_cleans_stale_temporaries_as_first_holder_only(tmp_path):
+    out = tmp_path / "out"
+    with owned_output(out, "sample", SHA_A) as claim:
+        assert claim.created and (out / LOCK).exists()
+        (out / "sub").mkdir()
+        stale = [out / ".00000.png.0123abcd.tmp", out / "sub" / ".x.json.89abcdef.tmp"]
+        for p in stale:
+            p.write_bytes(b"torn")
+        with owned_output(out, "sample", SHA_B) as inner:    # a re-entry is not the first holder
+            assert not inner.created
+        assert all(p.exists() for p in stale)
+    assert not (out / LOCK).exists()
+    with owned_output(out, "sample", SHA_B) as claim:       # the killed run's leftovers go
+        assert not claim.created
+        assert not any(p.exists() for p in stale)
+        assert json.loads((out / MARKER).read_text())["command"] == "sample"
+
+
+def test_owned_output_refuses_foreign_and_other_command_folders_untouched(tmp_path):
+    (tmp_path / "data" / "benign").mkdir(parents=True)
+    (tmp_path / "data" / "benign" / "a.png").write_bytes(b"real")
+    for force in (False, True):
+        with pytest.raises(MeddapError, match=r"is not empty \(benign\) and has no \.meddap\.json"):
+            with owned_output(tmp_path / "data", "phantom", force=force):
+                pass
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == ["a.png", "benign"]
+    with owned_output(tmp_path / "lora", "train-lora"):
+        pass
+    with pytest.raises(MeddapError, match=r"made by `meddap train-lora`, not by `meddap sample`"):
+        with owned_output(tmp_path / "lora", "sample"):
+            pass
+    with owned_output(tmp_path / "lora", "sample", force=True) as claim:
+        assert claim.adopted_from["command"] == "train-lora"
+
+
+def test_owned_output_that_fails_before_writing_leaves_no_trace(tmp_path):
+    with pytest.raises(MeddapError, match="bad input"):
+        with owned_output(tmp_path / "new", "sample"):
+            raise MeddapError("bad input")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with owned_output(tmp_path / "empty", "sample"):
+            raise KeyboardInterrupt
+    assert list((tmp_path / "empty").iterdir()) == []
+    with pytest.raises(MeddapError, match="later"):
+        with owned_output(tmp_path / "wrote", "sample"):
+            (tmp_path / "wrote" / "00000.png").write_bytes(b"png")
+            raise MeddapError("later")
+    assert sorted(p.name for p in (tmp_path / "wrote").iterdir()) == [MARKER, "00000.png"]
+
+
+def test_torchrun_job_id_and_settings_hash(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert torchrun_job_id() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "")
+    assert torchrun_job_id() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "8f0c")
+    assert torchrun_job_id() == "8f0c"
+    import hashlib
+    assert settings_sha256({"b": 1, "a": [1.5, None]}) == hashlib.sha256(
+        b'{"a": [1.5, null], "b": 1}').hexdigest()
+    assert FORCE_HELP == "adopt a folder that another meddap command created"
+
+
+def test_output_file_that_is_a_directory(tmp_path):
+    assert check_output_file(tmp_path / "r.json", "--out", "r.json") == tmp_path / "r.json"
+    with pytest.raises(MeddapError, match=rf"^--out {re.escape(str(tmp_path))} is a directory, not a "
+                                          rf"file; give the name of a file to write, e\.g\. "
+                                          rf"{re.escape(str(tmp_path / 'r.json'))}\.$"):
+        check_output_file(tmp_path, "--out", "r.json")
 
 
 # ---- the lock --------------------------------------------------------------------------

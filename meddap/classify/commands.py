@@ -1,5 +1,6 @@
 """Command-line entry points of meddap.classify (registered by meddap.cli):
-`meddap classify train|eval|gradcam` and `meddap tables`."""
+`meddap classify train|eval|gradcam` and `meddap tables`. `classify train`
+holds its --out with `meddap.outdir.owned_output`."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 from meddap.device import DEVICE_HELP
+from meddap.outdir import FORCE_HELP, check_output_file, owned_output, settings_sha256, torchrun_job_id
 
 
 def register(subparsers) -> None:
@@ -21,6 +23,7 @@ def register(subparsers) -> None:
     t = sub.add_parser("train", help=f"train {' / '.join(a.value for a in Arch)} (authors' defaults)")
     add_arguments(t, TrainConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--force", action="store_true", help=FORCE_HELP)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="score a trained classifier on a labelled dataset")
@@ -55,9 +58,11 @@ def register(subparsers) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from meddap.classify.train import TrainConfig, train_classifier
-    from meddap.settings import from_args
+    from meddap.settings import as_dict, from_args
     cfg = from_args(TrainConfig, args, show_progress=not args.quiet)
-    s = train_classifier(cfg)
+    with owned_output(cfg.out, "classify train", settings_sha256(as_dict(cfg)), args.force,
+                      torchrun_job_id()):
+        s = train_classifier(cfg)
     print(f"best validation accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}; "
           f"{s['init_description']}; weights in {cfg.out / 'best.pt'}")
     return 0
@@ -66,6 +71,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from meddap.classify.evaluate import evaluate, format_report
     from meddap.io import write_json_atomic
+    if args.out is not None:
+        check_output_file(args.out, "--out", "eval.json")
     result = evaluate(args.model, args.data, device=args.device, batch_size=args.batch_size,
                       n_boot=args.bootstrap, seed=args.seed)
     if args.out is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from meddap.classify.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics
+from meddap.classify.metrics import METRIC_NAMES, bootstrap_ci, calibration, compute_metrics
 from meddap.classify.networks import build_network, parse_arch
 from meddap.classify.train import predict, to_tensor_set
 from meddap.data.datasets import resolve_images
@@ -83,6 +83,7 @@ def evaluate(model: str | Path, data: str, device: str | None = None, batch_size
     tensors = to_tensor_set([image_set], model_classes, int(meta["size"]))
     logits = predict(net, tensors.images, batch_size, device)                  # (N, k)
     y_pred = logits.argmax(1).cpu().numpy()
+    probs = torch.softmax(logits.float(), dim=1).cpu().numpy()                 # (N, k)
     y_true = tensors.labels.numpy()
     labels = [model_classes.index(c) for c in image_set.classes]
     k = len(model_classes)
@@ -93,6 +94,7 @@ def evaluate(model: str | Path, data: str, device: str | None = None, batch_size
         "scoring": CROSS_DATASET_RULE,
         **compute_metrics(y_true, y_pred, k, labels=labels, class_names=model_classes),
         "ci95": bootstrap_ci(y_true, y_pred, k, labels=labels, n_boot=n_boot, seed=seed),
+        **calibration(y_true, probs),                   # ECE (15 bins), Brier, reliability bins
         "bootstrap": {"resamples": n_boot, "seed": seed, "method": "percentile"},
         "predictions": [{"path": p, "true": model_classes[t], "pred": model_classes[q]}
                         for p, t, q in zip(tensors.paths, y_true, y_pred)],

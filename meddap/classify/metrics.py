@@ -24,12 +24,28 @@ its classes (the 3-class model on benign/malignant Dataset B, Table 3), the
 evaluation passes `labels` = the data's classes: the macro means are over the
 classes present, while predictions of the absent class still count as errors
 (they are false negatives of the true class and lower the accuracy).
+
+Calibration, from the softmax probabilities p (N, k) and the labels y:
+
+    confidence_i = max_c p_ic,   correct_i = [argmax_c p_ic = y_i]
+
+    ECE   = sum_b |B_b|/N · |acc(B_b) - conf(B_b)|          (Guo et al. 2017,
+          = sum_b |sum_{i in B_b} correct_i - confidence_i| / N   arXiv 1706.04599, Eq. 3)
+    Brier = 1/N sum_i sum_c (p_ic - y_ic)²,  y_ic one-hot   (Brier 1950, multi-class form)
+
+with ECE_BINS = 15 equal-width confidence bins B_b = ((b-1)/15, b/15], b = 1..15
+(Guo et al.'s M = 15). A perfect one-hot correct prediction has ECE = Brier = 0;
+a confident (p = 1) wrong one has ECE = 1 and Brier = 2. The per-bin sums
+(`reliability_bins`) are kept so that bins of several evaluations add up into
+one reliability diagram.
 """
 from __future__ import annotations
 
 import numpy as np
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "precision", "f1")
+CALIBRATION_NAMES: tuple[str, ...] = ("ece", "brier")
+ECE_BINS = 15                     # Guo et al. 2017 (arXiv 1706.04599), Section 2: M = 15
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
@@ -127,3 +143,49 @@ def bootstrap_ci(y_true, y_pred, num_classes: int, labels=None, n_boot: int = 10
     lo, hi = (1 - level) / 2, (1 + level) / 2
     return {m: [float(np.quantile(summary[m], lo)), float(np.quantile(summary[m], hi))]
             for m in METRIC_NAMES}
+
+
+# ---------------------------------------------------------------- calibration
+
+def _check_probabilities(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or y_true.shape != (probs.shape[0],):
+        raise ValueError(f"probs {probs.shape} must be (N, k) and y_true {y_true.shape} (N,)")
+    if y_true.size and (y_true.min() < 0 or y_true.max() >= probs.shape[1]):
+        raise ValueError(f"y_true holds labels outside 0..{probs.shape[1] - 1}")
+    return y_true, probs
+
+
+def reliability_bins(y_true, probs, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """Per confidence bin b = ((b-1)/M, b/M]: `count` |B_b|, `correct` sum of
+    correct_i and `confidence` sum of confidence_i over B_b (lists of M)."""
+    y_true, probs = _check_probabilities(y_true, probs)
+    confidence = probs.max(axis=1) if probs.size else np.zeros(0)              # (N,)
+    correct = (probs.argmax(axis=1) == y_true) if probs.size else np.zeros(0)  # (N,)
+    b = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)  # (N,)
+    return {"count": np.bincount(b, minlength=n_bins).tolist(),
+            "correct": np.bincount(b, weights=correct.astype(np.float64), minlength=n_bins).tolist(),
+            "confidence": np.bincount(b, weights=confidence, minlength=n_bins).tolist()}
+
+
+def ece_from_bins(bins: dict[str, list]) -> float:
+    """ECE = sum_b |sum correct - sum confidence| / N over the bins (nan when N = 0)."""
+    n = float(np.sum(bins["count"]))
+    gap = np.abs(np.asarray(bins["correct"]) - np.asarray(bins["confidence"]))  # (M,)
+    return float(gap.sum() / n) if n > 0 else float("nan")
+
+
+def brier_score(y_true, probs) -> float:
+    """Multi-class Brier score 1/N sum_i sum_c (p_ic - y_ic)² (Brier 1950); nan when N = 0."""
+    y_true, probs = _check_probabilities(y_true, probs)
+    if y_true.size == 0:
+        return float("nan")
+    onehot = np.eye(probs.shape[1])[y_true]                                     # (N, k)
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def calibration(y_true, probs, n_bins: int = ECE_BINS) -> dict:
+    """`ece`, `brier` and the `reliability` bins of softmax probabilities probs (N, k)."""
+    bins = reliability_bins(y_true, probs, n_bins)
+    return {"ece": ece_from_bins(bins), "brier": brier_score(y_true, probs), "reliability": bins}

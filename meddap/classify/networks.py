@@ -242,16 +242,35 @@ def save_initial_state(init: InitialState, path: str | Path) -> None:
 
 
 def load_initial_state(path: str | Path) -> InitialState:
+    """The InitialState that `save_initial_state` wrote, read with torch.load(weights_only=True)
+    (tensors and plain values only, never pickled code), or a MeddapError naming the file."""
+    import pickle
+
+    path = Path(path)
+    redo = "delete it to make a new one, or give another --init file"
+    if path.is_dir():
+        raise MeddapError(f"initial-weights file {path} is a directory, not a file; {redo}.")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message here is a paragraph about loading untrusted code; meddap never does
+        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt: it is broken, "
+                          f"truncated, or holds pickled Python objects, which meddap does not "
+                          f"load; {redo}.") from None
+    except Exception as e:   # torch raises zip, EOF and runtime errors for broken files
+        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt (unreadable: "
+                          f"{type(e).__name__}); {redo}.") from None
+    try:
         return InitialState(parse_arch(blob["arch"]), tuple(blob["classes"]), int(blob["seed"]),
                             bool(blob["imagenet_init"]), blob["weights_file"],
                             blob["weights_sha256"], blob["state_dict"])
     except MeddapError:
         raise
-    except Exception as e:
-        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt "
-                          f"({type(e).__name__}: {e}); delete it to make a new one.") from e
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"no entry {e.args[0]!r}" if isinstance(e, KeyError) else "entries of the wrong type"
+        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt ({what}; one holds "
+                          f"arch, classes, seed, imagenet_init, weights_file, weights_sha256 and "
+                          f"state_dict); {redo}.") from None
 
 
 def obtain_initial_state(path: str | Path, arch: Arch, classes: list[str], seed: int,

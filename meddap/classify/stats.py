@@ -24,6 +24,21 @@ k-fold cross-validation n_test/n_train ≈ 1/(k-1) (Bouckaert & Frank 2004).
 
 p = 2 · P(T_df > |t|). When σ̂² = 0: t = ±inf and p = 0 if d̄ ≠ 0, and t = p =
 nan if d̄ = 0 (scipy's convention). With k < 2 there is no test: nan.
+
+Several seeds (`compare_runs`): a score belongs to a run (fold f, seed s).
+The paired t-test pairs the runs by (f, s) and has one d per pair. The
+corrected test treats the folds as the resampling unit (the seeds of one fold
+share its training and test images): each condition's scores are first
+averaged over the seeds of the pairs within each fold, then the corrected
+test runs over the k fold means. With one seed per fold both tests are the
+single-seed ones above.
+
+Accuracy difference with a 95% bootstrap interval (`paired_bootstrap_difference`):
+the test images of all folds are pooled; image i has c_i^A, c_i^B in [0, 1]
+(its correctness under each condition, averaged over seeds), d_i = c_i^A -
+c_i^B, and the difference of accuracies is mean d_i. The images are resampled
+with replacement (paired: one index draws both c_i^A and c_i^B), and the
+interval is the percentile pair of the resampled means.
 """
 from __future__ import annotations
 
@@ -107,3 +122,38 @@ def holm(pvalues) -> list[float]:
         running = max(running, min(1.0, (m - i) * p[j]))
         out[j] = running
     return out.tolist()
+
+
+# ---------------------------------------------------------------- several seeds
+
+Run = tuple[int, int]     # (fold, seed)
+
+
+def compare_runs(a: dict[Run, float], b: dict[Run, float], n_train: int, n_test: int
+                 ) -> dict[str, TestResult]:
+    """`paired`: the paired t-test over the runs (fold, seed) both conditions
+    have; `corrected`: the Nadeau-Bengio test over folds, each condition's
+    scores averaged over those runs' seeds within each fold first."""
+    runs = sorted(set(a) & set(b))
+    folds = sorted({f for f, _ in runs})
+    fold_a = [float(np.mean([a[r] for r in runs if r[0] == f])) for f in folds]
+    fold_b = [float(np.mean([b[r] for r in runs if r[0] == f])) for f in folds]
+    return {"paired": paired_t_test([a[r] for r in runs], [b[r] for r in runs]),
+            "corrected": corrected_resampled_t_test(fold_a, fold_b, n_train, n_test)}
+
+
+def paired_bootstrap_difference(correct_a, correct_b, n_boot: int = 1000, seed: int = 0,
+                                level: float = 0.95) -> dict:
+    """Difference of accuracies mean(c^A - c^B) over paired images c (N,) in
+    [0, 1], with its percentile bootstrap interval (`n_boot` resamples of the
+    images, numpy Generator PCG64 seeded with `seed`): {"difference", "ci": [lo, hi]}."""
+    d = np.asarray(correct_a, dtype=np.float64) - np.asarray(correct_b, dtype=np.float64)  # (N,)
+    if d.ndim != 1:
+        raise ValueError(f"correctness must be 1-d (one per image); got shape {d.shape}")
+    if d.size == 0:
+        return {"difference": float("nan"), "ci": [float("nan"), float("nan")]}
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))   # (B, N)
+    means = d[idx].mean(axis=1)                                                    # (B,)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    return {"difference": float(d.mean()),
+            "ci": [float(np.quantile(means, lo)), float(np.quantile(means, hi))]}

@@ -3,8 +3,11 @@
     meddap dataset-info DIR [--json] [--strict]
     meddap split DATA --out split.json [--val 115] [--test 120] [--folds 5] [--seed 0] [--strict] [--force]
     meddap leakage A [B] [--json] [--max-hamming 48]
-    meddap phantom --out DIR [--seed 0] [--site a|b] [--size 256] [--counts benign=437,...]
-    meddap expand --checkpoint PATH --lora PATH --data DIR_OR_SPLIT --out OUT [options]
+    meddap phantom --out DIR [--seed 0] [--site a|b] [--size 256] [--counts benign=437,...] [--force]
+    meddap expand --checkpoint PATH --lora PATH --data DIR_OR_SPLIT --out OUT [options] [--force]
+
+phantom and expand hold their output folder with `meddap.outdir.owned_output`
+(never a folder that meddap did not make); split's --out is one file.
 """
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ import sys
 from pathlib import Path
 
 from meddap import settings
-from meddap.data.datasets import describe, resolve_images
+from meddap.data.datasets import describe, load_rgb, resolve_images
 from meddap.data.hashing import NEAR_DUPLICATE_HAMMING, cross_duplicates, hash_file
 from meddap.data.phantom import Site, parse_counts, write_phantom
 from meddap.data.splits import SplitConfig, write_split
 from meddap.errors import MeddapError
+from meddap.outdir import FORCE_HELP, check_output_file, owned_output, settings_sha256, torchrun_job_id
 
 
 def _dataset_info(args) -> int:
@@ -29,15 +33,27 @@ def _dataset_info(args) -> int:
     for c, n in info["classes"].items():
         print(f"  {c:<12} {n:6d} images, {info['masks'][c]:5d} masks "
               f"({info['images_with_masks'][c]} images with a mask)")
-    for key, what in (("unreadable", "unreadable files"), ("orphan_masks", "masks without an image")):
-        if info[key]:
-            print(f"{len(info[key])} {what}:")
-            print("\n".join(f"  {p}" for p in info[key]))
+    if info["unreadable"]:
+        print(f"{len(info['unreadable'])} unreadable files:")
+        print("\n".join(f"  {p}: {_why_unreadable(p)}" for p in info["unreadable"]))
+    if info["orphan_masks"]:
+        print(f"{len(info['orphan_masks'])} masks without an image:")
+        print("\n".join(f"  {p}" for p in info["orphan_masks"]))
     return 0
+
+
+def _why_unreadable(path: str) -> str:
+    """Why `load_rgb` refuses `path` (decoded once more: unreadable files are few)."""
+    try:
+        load_rgb(path)
+    except MeddapError as e:
+        return str(e).splitlines()[0]
+    return "readable now (it changed during the scan)"
 
 
 def _split(args) -> int:
     cfg = settings.from_args(SplitConfig, args)
+    check_output_file(args.out, "--out", "split.json")
     m = write_split(args.data, args.out, cfg, strict=args.strict, show_progress=not args.quiet,
                     replace=args.force)
     print(f"{args.out}: {cfg.folds} folds of {m['n_images']} images, "
@@ -112,7 +128,10 @@ def _leakage(args) -> int:
 def _phantom(args) -> int:
     site = Site(args.site)
     counts = parse_counts(args.counts) if args.counts else None
-    record = write_phantom(args.out, args.seed, site, args.size, counts, show_progress=not args.quiet)
+    chosen = {"seed": args.seed, "site": site.value, "size": args.size, "counts": counts}
+    with owned_output(args.out, "phantom", settings_sha256(chosen), args.force):
+        record = write_phantom(args.out, args.seed, site, args.size, counts,
+                               show_progress=not args.quiet)
     total = sum(record["counts"].values())
     print(f"{args.out}: {total} phantom images (site {site.value}, {args.size} px, seed {args.seed}): "
           + ", ".join(f"{c} {n}" for c, n in record["counts"].items()))
@@ -121,10 +140,14 @@ def _phantom(args) -> int:
 
 def _expand(args) -> int:
     from meddap.data.expand import ExpandConfig, expand
+    from meddap.distributed import Ranks
     from meddap.sampling.generation import MANIFEST_NAME
 
     cfg = settings.from_args(ExpandConfig, args)
-    summary = expand(cfg)
+    with owned_output(cfg.out, "expand", settings_sha256(settings.as_dict(cfg)), args.force,
+                      torchrun_job_id()):
+        with Ranks.from_environment() as ranks:         # torchrun: joins the group for the run
+            summary = expand(cfg, ranks)
     if summary and not cfg.quiet:
         print(f"meddap expand: {summary['n_files']} files in {cfg.out}; manifest "
               f"{Path(cfg.out) / MANIFEST_NAME}", file=sys.stderr)
@@ -140,6 +163,7 @@ def _add_expand(sub) -> None:
                                    "{class}/, with a JSONL manifest. Re-run to resume; launch with "
                                    "torchrun to share the work between processes.")
     settings.add_arguments(p, ExpandConfig)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_expand)
 
 
@@ -188,6 +212,7 @@ def register(subparsers) -> None:
                    help="CLASS=N,... (default site a: benign=437,malignant=210,normal=133; "
                         "site b: benign=500,malignant=400)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_phantom)
 
     _add_expand(subparsers)

@@ -2,7 +2,7 @@
 adjective and ratio.
 
     OUT/{adjective | no_adjective}/ratio_{r}/train/{class}/syn_{i:05d}.png
-    OUT/.../train/{class}/real_{name}        (--copy-real: the real images too)
+    OUT/.../train/{class}/real_{name}        (--copy-real: copies of the real images)
     OUT/manifest.jsonl                       one line per file
     OUT/expand.json                          settings, inputs' hashes, counts
 
@@ -37,7 +37,6 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from meddap.data.prompts import ADJECTIVES, NO_ADJECTIVE, prompt_for, unknown_adjectives
@@ -47,7 +46,6 @@ from meddap.settings import above, as_dict, at_least, nonempty_each, setting, va
 
 SUMMARY_NAME = "expand.json"
 NO_ADJECTIVE_FOLDER = "no_adjective"
-BARRIER_TIMEOUT = timedelta(hours=48)      # ranks may finish far apart after a resume
 
 
 def parse_ratios(value) -> tuple[float, ...]:
@@ -179,17 +177,6 @@ def _place(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; joins a gloo group when > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    return rank, world
-
-
 def _same_bytes(out: Path, rows: dict[str, dict], file: str, sha256: str) -> bool:
     """True when OUT/file exists, its line on record says `sha256` and its bytes hash to it."""
     from meddap.io import sha256_file
@@ -198,25 +185,40 @@ def _same_bytes(out: Path, rows: dict[str, dict], file: str, sha256: str) -> boo
         and sha256_file(path) == sha256
 
 
+def _copy(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src (bytes, permission bits and times: shutil.copy2), written
+    under a temporary name and renamed (atomic). Never a link: editing the copy must not
+    edit the user's original."""
+    from meddap.io import atomic_path
+    with atomic_path(dst) as tmp:
+        shutil.copy2(src, tmp)
+
+
 def _copy_real(cfg: ExpandConfig, out: Path, image_set, rows: dict[str, dict], shard: Path) -> None:
-    """Link (or copy) every real image into every training folder: `real_{name}`."""
+    """Copy every real image into every training folder: `real_{name}`. A file that is the
+    original itself (a hard link made by an older meddap) is copied anew."""
     from meddap.io import append_jsonl, sha256_file
     for item in image_set.items:
         sha = sha256_file(item.path)
         for adj in cfg.adjectives:
             for r in cfg.ratios:
                 file = f"{_folder(adj, r, item.label)}/real_{item.path.name}"
-                if _same_bytes(out, rows, file, sha):
+                if _same_bytes(out, rows, file, sha) and not os.path.samefile(item.path, out / file):
                     continue
-                _place(item.path, out / file)
+                _copy(item.path, out / file)
                 rows[file] = {"file": file, "sha256": sha, "source": "real",
                               "original": str(item.path), "class": item.label,
                               "adjective": adj, "ratio": r}
                 append_jsonl(shard, rows[file])
 
 
-def expand(cfg: ExpandConfig) -> dict:
-    """Run `meddap expand` (this rank's share); rank 0 returns the summary."""
+def expand(cfg: ExpandConfig, ranks=None) -> dict:
+    """Run `meddap expand` (this rank's share of the chunks); rank 0 returns the summary.
+
+    `ranks`: the job's processes (meddap.distributed); by default torchrun's from the
+    environment, or one process. The caller holds the process group (the command
+    joins it around this call). Under --shard, a rank-0 shard that finds another
+    shard's chunks missing returns {} (not finished) instead of failing."""
     from meddap.data.datasets import resolve_images
     from meddap.io import append_jsonl, sha256_file, write_json_atomic, write_text_atomic
     from meddap.sampling.generation import (ImageJob, check_model_files, load_model, manifest_rows,
@@ -234,7 +236,9 @@ def expand(cfg: ExpandConfig) -> dict:
         raise MeddapError(f"--data {cfg.data} holds no images; expansion sizes are ratios of it.")
     counts = {c: n for c, n in image_set.counts().items() if n > 0}
     # 2. Model on this rank's device (meddap.device: cuda:LOCAL_RANK under torchrun).
-    rank, world = _distributed()
+    from meddap.distributed import Mode, Ranks
+    ranks = ranks or Ranks.from_environment()
+    rank, world = ranks.rank, ranks.world
     sd = load_model(cfg.checkpoint, cfg.lora, cfg.device, cfg.dtype)
     # 3. The real images (rank 0), then this rank's chunks of the canonical plan.
     out = output_folder(cfg.out)
@@ -261,9 +265,7 @@ def expand(cfg: ExpandConfig) -> dict:
                 rows[file] = {**primary, "file": file}
                 append_jsonl(shard, rows[file])
     # 5. Rank 0 merges every rank's lines into one manifest (files that verify).
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+    ranks.barrier("expand")
     summary = {}
     if rank == 0:
         merged = manifest_rows(out)
@@ -273,6 +275,8 @@ def expand(cfg: ExpandConfig) -> dict:
                         for it in image_set.items for a in cfg.adjectives for r in cfg.ratios}
         lines = [merged[f] for f in sorted(planned) if f in merged
                  and sha256_file(out / f) == merged[f]["sha256"]]
+        if len(lines) != len(planned) and ranks.mode is Mode.SHARD:
+            return {}                                  # other shards' chunks are still to come
         if len(lines) != len(planned):
             raise MeddapError(f"{len(planned) - len(lines)} planned files of {out} are missing or "
                               f"do not match the manifest after the run; re-run to make them.")
@@ -289,8 +293,5 @@ def expand(cfg: ExpandConfig) -> dict:
                                  for a in cfg.adjectives},
         }
         write_json_atomic(out / SUMMARY_NAME, summary)
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+    ranks.barrier("expand merge")
     return summary

@@ -167,6 +167,9 @@ def make_split(data: str | Path, cfg: SplitConfig, manifest_dir: str | Path = ".
     manifest_folds = [{p: entries(fold[p]) for p in PARTS} for fold in folds]
     fingerprint = "".join(f"{rel[i]}\t{hashes[i].sha256}\n" for i in sorted(range(len(items)),
                                                                           key=lambda i: rel[i]))
+    # A name that is not UTF-8 (b"\xff.png") reaches Python as a lone surrogate ("\udcff.png",
+    # os.fsdecode); surrogateescape hashes its bytes as they are on disk, and the manifest's JSON
+    # (ASCII, escapes) keeps it as "\udcff", which json.loads and os.fsencode turn back into them.
     return {
         "format": SPLIT_FORMAT,
         "root": os.path.relpath(image_set.root, Path(manifest_dir).resolve()),
@@ -174,7 +177,7 @@ def make_split(data: str | Path, cfg: SplitConfig, manifest_dir: str | Path = ".
         "seed": cfg.seed,
         "settings": {**cfg.settings(), "phash_bits": 256},
         "n_images": len(items),
-        "data_sha256": sha256_bytes(fingerprint.encode("utf-8")),
+        "data_sha256": sha256_bytes(fingerprint.encode("utf-8", "surrogateescape")),
         "test_sets_disjoint": disjoint,
         "duplicate_groups": [
             {"paths": [rel[i] for i in m], "classes": sorted({items[i].label for i in m}),

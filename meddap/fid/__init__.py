@@ -1,5 +1,7 @@
-"""FID and KID with an Inception v3 written here (equal to pytorch-fid), and the
-quantity of the authors' fid_calc.py (`meddap.fid.as_released`).
+"""FID and KID with an Inception v3 written here (equal to pytorch-fid), the
+quantity of the authors' fid_calc.py (`meddap.fid.as_released`), precision/
+recall/density/coverage (`meddap.fid.prdc`) and the memorisation check
+(`meddap.fid.memorization`).
 
     from meddap.fid import FidConfig, score_sets          # the one scoring entry
     result = score_sets(FidConfig(kid=True), "data/BUSI", {"synthetic": "out/synthetic"})
@@ -8,6 +10,14 @@ quantity of the authors' fid_calc.py (`meddap.fid.as_released`).
     from meddap.fid import inception_features, frechet_distance, kid
     feats = inception_features(images, weights="weights/pt_inception-2015-12-05-6726825d.pth")
     d2 = frechet_distance(mu1, sigma1, mu2, sigma2)
+
+    from meddap.fid.prdc import prdc                        # precision, recall, density, coverage
+    scores = prdc(real_feats, fake_feats, k=5)
+    from meddap.fid.memorization import MemorizationConfig, memorization   # nearest training images
+    report = memorization(MemorizationConfig(synthetic="out/synthetic", train="data/BUSI", test="data/test"))
+
+`prdc` and `memorization` are functions of the modules of the same name, so they
+are imported from those modules (an attribute `meddap.fid.prdc` is the module).
 
 The names are imported on first use (PEP 562), so that `meddap --help`, which
 imports meddap.fid.commands, does not load torch.
@@ -36,6 +46,8 @@ _EXPORTS = {
     "FrechetResult": "meddap.fid.metrics",
     "KIDResult": "meddap.fid.metrics",
     "SqrtMethod": "meddap.fid.metrics",
+    "PRDC_K": "meddap.fid.prdc",
+    "MemorizationConfig": "meddap.fid.memorization",
 }
 
 __all__ = sorted(_EXPORTS)

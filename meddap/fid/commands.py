@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from meddap.fid.config import FidConfig, Formula
+from meddap.fid.prdc import PRDC_NAMES
+from meddap.outdir import check_output_file
 from meddap.settings import add_arguments, from_args
 
 
@@ -47,6 +49,8 @@ def pair_result(scored: dict, name: str) -> dict:
     if "kid" in s:
         result["kid"] = {"mean": s["kid"], "std": s["kid_std"], "subset_size": s["kid_subset_size"],
                          "num_subsets": s["kid_num_subsets"]}
+    if "precision" in s:                                  # --prdc (Naeem et al. 2020), at the top level
+        result.update({k: s[k] for k in PRDC_NAMES})
     if "per_class" in s:
         result["per_class"] = s["per_class"]
     result["a"] = scored["reference"]
@@ -59,6 +63,8 @@ def run_fid(args: argparse.Namespace) -> int:
     from meddap.io import write_json_atomic
 
     cfg = from_args(FidConfig, args)
+    if args.out is not None:
+        check_output_file(args.out, "--out", "fid.json")
     result = pair_result(score_sets(cfg, args.dir_a, {args.dir_b: args.dir_b}), args.dir_b)
     if args.out is not None:
         write_json_atomic(args.out, result)
@@ -73,10 +79,14 @@ def run_fid(args: argparse.Namespace) -> int:
     if "kid" in result:
         print(f"KID: {result['kid']['mean']:.6f} ± {result['kid']['std']:.6f} "
               f"({result['kid']['num_subsets']} subsets of {result['kid']['subset_size']})")
+    if "precision" in result:
+        print("  ".join(f"{k} {result[k]:.4f}" for k in PRDC_NAMES) + f"  (k = {cfg.prdc_k})")
     for c, entry in result.get("per_class", {}).items():
         value = f"{entry['fid']:.4f}" if "fid" in entry else entry["error"]
         kid_s = f"  KID {entry['kid']['mean']:.6f}" if "kid" in entry else ""
-        print(f"  {c or '(all)'}: {value}{kid_s}  ({entry['n1']} vs {entry['n2']})")
+        prdc_s = ("  " + "  ".join(f"{k} {entry[k]:.4f}" for k in PRDC_NAMES) if "precision" in entry
+                  else f"  PRDC: {entry['prdc_error']}" if "prdc_error" in entry else "")
+        print(f"  {c or '(all)'}: {value}{kid_s}{prdc_s}  ({entry['n1']} vs {entry['n2']})")
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from meddap.device import DEVICE_HELP, check_device_name
 from meddap.errors import MeddapError
 from meddap.fid.metrics import KID_SUBSET_SIZE, KID_SUBSETS
+from meddap.fid.prdc import PRDC_K
 from meddap.settings import Label, at_least, cli_label, setting
 
 # pytorch-fid's feature sizes: the Inception taps of meddap.fid.inception (its BLOCK_INDEX_BY_DIM).
@@ -72,6 +73,9 @@ class FidConfig:
     kid_subset_size: int = setting(KID_SUBSET_SIZE, help="KID: images per subset (capped at the smaller set)",
                                    check=at_least(2))
     seed: int = setting(0, help="KID: seed of the subset draws")
+    prdc: bool = setting(False, help="also compute precision, recall, density and coverage "
+                                     "(Naeem et al. 2020, k-nearest-neighbour balls, meddap.fid.prdc)")
+    prdc_k: int = setting(PRDC_K, help="PRDC: the k of the k-th nearest neighbour", check=at_least(1))
     per_class: bool = setting(False, help="also score each class present in both sets")
     inception_weights: str | None = setting(
         None, help="weights file (empty: weights/pt_inception-2015-12-05-6726825d.pth; "
@@ -94,6 +98,9 @@ class FidConfig:
             raise MeddapError(f"{label('formula')} = 'as-released' uses the 2048-d ImageNet average pool "
                               f"only and has no KID; drop {label('dims')} and {label('kid')}, or use "
                               f"{label('formula')} = 'standard'.")
+        if self.prdc:
+            raise MeddapError(f"{label('formula')} = 'as-released' has no precision/recall/density/"
+                              f"coverage; drop {label('prdc')}, or use {label('formula')} = 'standard'.")
         if self.features is FeatureSpace.PIXELS:
             raise MeddapError(f"{label('formula')} = 'as-released' is defined on the ImageNet Inception's "
                               f"features and has no pixel substitute; use {label('features')} = "

@@ -8,9 +8,10 @@
   2. pick the feature space (resolve_feature_space) and load its network once;
   3. the reference's features once, then each set's, through the feature
      cache (meddap.fid.stats_cache), in full float32 (inception.tf32_off);
-  4. per set: the Fréchet distance d² (meddap.fid.metrics), KID and per-class
-     scores when asked; or, with formula "as-released", the quantity of the
-     authors' fid_calc.py (meddap.fid.as_released).
+  4. per set: the Fréchet distance d² (meddap.fid.metrics), KID,
+     precision/recall/density/coverage (meddap.fid.prdc) and per-class scores
+     when asked; or, with formula "as-released", the quantity of the authors'
+     fid_calc.py (meddap.fid.as_released).
 
 The result is JSON-ready:
 
@@ -21,7 +22,9 @@ The result is JSON-ready:
      "sets": {name: {"spec", "n", "content_sha256", "from_cache", "frechet",
                      "mean_term", "trace_term", "rank", "sqrt_method", "offset",
                      ["kid", "kid_std", "kid_subset_size", "kid_num_subsets"],
-                     ["per_class"], "notes": [...]}}}
+                     ["precision", "recall", "density", "coverage"],      (prdc)
+                     ["per_class": {class: {..., [precision, ...] or ["prdc_error"]}}],
+                     "notes": [...]}}}
 
 "frechet" is the FID when "is_fid" is true; on the pixel substitute it is a
 Fréchet distance of thumbnails, NOT FID, and the notes say so.
@@ -29,6 +32,8 @@ Fréchet distance of thumbnails, NOT FID, and the notes say so.
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from meddap.data.datasets import ImageSet
 from meddap.device import resolve_device
@@ -40,6 +45,7 @@ from meddap.fid.inception import (DEFAULT_FID_WEIGHTS, FID_WEIGHTS_FILE, FID_WEI
                                   FID_WEIGHTS_URL, fid_extractor, load_fid_inception)
 from meddap.fid.metrics import feature_statistics, frechet_distance_detail, kid, per_class
 from meddap.fid.pixels import PIXEL_SIDE, pixel_extractor
+from meddap.fid.prdc import prdc
 from meddap.fid.stats_cache import (FeatureExtractor, FeatureSet, cached_features, default_cache_dir,
                                     resolve_folder)
 from meddap.settings import Label, cli_label, validate
@@ -79,8 +85,10 @@ def _image_set(spec: str) -> ImageSet:
     return image_set
 
 
-def _extractor(cfg: FidConfig, space: FeatureSpace, label: Label) -> tuple[FeatureExtractor, dict]:
-    """The feature extractor (its network loaded once) and the result's fields about it."""
+def feature_extractor(cfg: FidConfig, space: FeatureSpace, label: Label) -> tuple[FeatureExtractor, dict]:
+    """The feature extractor (its network loaded once) and the result's fields about it:
+    {"network", "weights", "weights_sha256", "official_weights", "notes"}. Also used by
+    meddap.fid.memorization."""
     if space is FeatureSpace.PIXELS:
         extractor = pixel_extractor()
         how = "set to \"pixels\"" if cfg.features is FeatureSpace.PIXELS else \
@@ -114,8 +122,21 @@ def _describe(spec: str, feats: FeatureSet) -> dict:
             "from_cache": feats.from_cache}
 
 
+def _with_prdc(cfg: FidConfig, ref: FeatureSet, feats: FeatureSet, entry: dict) -> None:
+    """Add precision/recall/density/coverage (meddap.fid.prdc) to `entry`, for the whole
+    set and for each class of entry["per_class"]; the reference is the real set."""
+    entry.update(prdc(ref.features, feats.features, cfg.prdc_k))
+    ref_labels, labels = np.asarray(ref.labels), np.asarray(feats.labels)
+    for c, row in entry.get("per_class", {}).items():
+        a, b = ref.features[ref_labels == c], feats.features[labels == c]
+        if min(len(a), len(b)) <= cfg.prdc_k:
+            row["prdc_error"] = f"PRDC with k = {cfg.prdc_k} needs more than {cfg.prdc_k} images on each side"
+        else:
+            row.update(prdc(a, b, cfg.prdc_k))
+
+
 def _standard(cfg: FidConfig, ref: FeatureSet, ref_stats, feats: FeatureSet, spec: str) -> dict:
-    """d² against the reference, its parts, and KID / per-class scores when asked."""
+    """d² against the reference, its parts, and KID / PRDC / per-class scores when asked."""
     r = frechet_distance_detail(*ref_stats, *feature_statistics(feats.features, spec))
     entry = {"frechet": r.value, "mean_term": r.mean_term, "trace_term": r.trace_term, "rank": r.rank,
              "sqrt_method": r.method.value, "offset": r.offset, "notes": []}
@@ -126,6 +147,8 @@ def _standard(cfg: FidConfig, ref: FeatureSet, ref_stats, feats: FeatureSet, spe
     if cfg.per_class:
         entry["per_class"] = per_class(ref.features, ref.labels, feats.features, feats.labels,
                                        with_kid=cfg.kid, **kid_kw)
+    if cfg.prdc:
+        _with_prdc(cfg, ref, feats, entry)
     n_min = min(len(ref.labels), len(feats.labels))
     if n_min <= r.dims:
         entry["notes"].append(
@@ -171,7 +194,7 @@ def score_sets(cfg: FidConfig, reference: str, sets: dict[str, str], *, label: L
                                   f"{len(ref_set.items)}, {spec} has {len(image_sets[name].items)}.")
     # 2. the feature space and its network, loaded once
     space = resolve_feature_space(cfg, label)
-    extractor, about = _extractor(cfg, space, label)
+    extractor, about = feature_extractor(cfg, space, label)
     cache_dir = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
     def features(spec: str, image_set: ImageSet) -> FeatureSet:

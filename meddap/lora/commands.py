@@ -2,10 +2,11 @@
 
     meddap lora-info [FILE] [--config sd-v1.4] [--rank 4] [--alpha A] [--targets cross] [--json]
     meddap lora-convert IN OUT --to meddap|diffusers
-    meddap train-lora --checkpoint PATH --data DIR_OR_SPLIT --out DIR [options]
+    meddap train-lora --checkpoint PATH --data DIR_OR_SPLIT --out DIR [options] [--force]
 
 The flags of train-lora are derived from `LoRARunConfig`, and lora-info's
 --rank/--alpha/--targets from the same declarations (`AdapterConfig`).
+train-lora holds its --out with `meddap.outdir.owned_output`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import json
 
 from meddap.lora.adapter import AdapterConfig
 from meddap.lora.train import LoRARunConfig, train_lora   # imports torch, not torchvision: --help stays quick
-from meddap.settings import add_arguments, from_args
+from meddap.outdir import FORCE_HELP, check_output_file, owned_output, settings_sha256, torchrun_job_id
+from meddap.settings import add_arguments, as_dict, from_args
 
 
 def _info(args) -> int:
@@ -62,6 +64,7 @@ def _info(args) -> int:
 def _convert(args) -> int:
     from meddap.lora.files import read_lora_file, write_lora_file
 
+    check_output_file(args.output, "output", "lora.safetensors")
     lora = read_lora_file(args.input)
     write_lora_file(args.output, lora, args.to)
     print(f"{args.input} ({lora.format.value}, {len(lora.layers())} layers, rank {lora.rank}) -> "
@@ -70,7 +73,9 @@ def _convert(args) -> int:
 
 
 def _train(args) -> int:
-    path = train_lora(from_args(LoRARunConfig, args, show_progress=not args.quiet))
+    cfg = from_args(LoRARunConfig, args, show_progress=not args.quiet)
+    with owned_output(cfg.out, "train-lora", settings_sha256(as_dict(cfg)), args.force, torchrun_job_id()):
+        path = train_lora(cfg)
     print(f"wrote {path}")
     return 0
 
@@ -93,4 +98,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train-lora", help="fine-tune USLoRA adapters on labelled images (resumable)")
     add_arguments(p, LoRARunConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_train)

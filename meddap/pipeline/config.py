@@ -47,7 +47,7 @@ from meddap.device import DEVICE_HELP, check_device_name
 from meddap.errors import MeddapError
 from meddap.fid import FeatureSpace, FidConfig
 from meddap.lora.train import LoRARunConfig
-from meddap.settings import as_dict, at_least, from_table, in_range, setting
+from meddap.settings import above, as_dict, at_least, from_table, in_range, setting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = Path(__file__).resolve().parent / "configs"
@@ -56,7 +56,7 @@ DEFAULT_CHECKPOINT = "weights/sd-v1-4.safetensors"
 DEFAULT_FID_WEIGHTS = "weights/pt_inception-2015-12-05-6726825d.pth"
 # Settings that say where a stage runs, not what it computes: kept out of the stage hashes,
 # so the same run on another device (or another rank's GPU) resumes instead of redoing.
-_NOT_HASHED = ("device", "quiet", "show_progress")
+_NOT_HASHED = ("device", "quiet", "show_progress", "barrier_timeout_s")
 
 
 class DataSource(Enum):
@@ -78,6 +78,9 @@ class RunSection:
     out: str = setting("runs/meddap", help="output folder (relative to the current folder)")
     seed: int = setting(0, check=at_least(0), help="seed of the phantom, split, expansion and check images")
     device: str | None = setting(None, check=check_device_name, help=DEVICE_HELP)
+    barrier_timeout_s: float = setting(48 * 3600.0, check=above(0),
+                                       help="multi-process runs: how long a rank waits for the others at a "
+                                            "stage's end before every rank stops with a message")
 
 
 @dataclass(frozen=True, kw_only=True)

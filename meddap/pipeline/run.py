@@ -20,21 +20,44 @@ then tables (meddap.classify.tables) and OUT/report.md (meddap.pipeline.report).
 Each stage calls the function its command calls, with the config its TOML
 section filled (pipeline/config.py), takes the run's `Context` and returns a
 named result. Each writes stage.json with the hashes of its inputs (stages.py).
+
+Many processes (torchrun, or `--shard i/N`; meddap.distributed): the stages
+run in the order above, each over all folds; within a stage the units go to
+ranks by one static rule, unit k to rank k mod N, where the units are
+    data, split        one unit each
+    lora               one fold per unit
+    expand, check      the fixed image chunks of the one generation path (chunk k)
+    fid                one (fold, set) per unit
+    classify           one (fold, network, condition) cell per unit
+    gradcam            one fold per unit
+Each unit writes only its own files, atomically, in the layout of a
+one-process run, so the results are the same bytes whoever makes them; rank
+0 alone empties stale stage folders, finishes stages (stage.json, merged
+manifests, fid.json, summary.json) and writes the tables and report.md after
+the last barrier. A shard does the stages that are ready and stops at the
+first one that waits for another shard; a last run without --shard does
+what is left and assembles the tables.
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from meddap.distributed import Ranks
 from meddap.errors import MeddapError
 from meddap.io import sha256_file, write_json_atomic
 from meddap.pipeline.config import DataSource, RunConfig, resolve_path, stage_config
 from meddap.pipeline.stages import Stage, json_sha256, tree_sha256
 
 
+_RANKS = Ranks()
+
+
 def _log(msg: str) -> None:
-    print(f"meddap run: {msg}", flush=True)
+    where = f" [rank {_RANKS.rank}/{_RANKS.world}]" if _RANKS.world > 1 else ""
+    print(f"meddap run{where}: {msg}", flush=True)
 
 
 def _label(section: str):
@@ -49,6 +72,7 @@ class Context:
     out: Path
     checkpoint: Path           # [lora] checkpoint, resolved
     base_sha256: str
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 @dataclass(frozen=True)
@@ -81,16 +105,6 @@ class Synthetic:
 class Check:
     folders: dict              # "adapted" | "base" -> folder of class folders
     sha256: str
-
-
-@dataclass(frozen=True)
-class Fold:
-    fold: int
-    lora: Adapter
-    fid: dict                  # meddap.fid.score_sets' result
-    classify: dict             # cells' accuracies and the check (summary.json)
-    gradcam: list
-    check: Check | None
 
 
 # ---------------------------------------------------------------- 0. before any work
@@ -137,24 +151,28 @@ def preflight(cfg: RunConfig, checkpoint: Path) -> None:
 
 # ---------------------------------------------------------------- 1-2. data and split
 
-def stage_data(ctx: Context) -> Data:
-    """The real (and unseen) image folders and their content hashes."""
+class NotReady(Exception):
+    """A shard reached a stage that waits for another shard's units."""
+
+
+def stage_data(ctx: Context) -> Data | None:
+    """The real (and unseen) image folders and their content hashes (rank 0 writes the phantom)."""
     from meddap.data.phantom import Site, write_phantom
 
     cfg, out, d = ctx.cfg, ctx.out, ctx.cfg.data
     if d.source is DataSource.FOLDER:
         real = resolve_path(d.path)
-        if not real.is_dir():
-            raise MeddapError(f"[data] path = {d.path!r}: folder {real} does not exist; put the BUSI class "
-                              f"folders (benign/, malignant/, normal/) there or change [data] path.")
         unseen = resolve_path(d.unseen) if d.unseen else None
         if unseen is not None and not unseen.is_dir():
             raise MeddapError(f"[data] unseen = {d.unseen!r}: folder {unseen} does not exist; "
                               f"give the Dataset B folder (benign/, malignant/) or \"\" for none.")
         return Data(real=str(real), real_sha256=tree_sha256(real), unseen=str(unseen) if unseen else "",
                     unseen_sha256=tree_sha256(unseen) if unseen else "")
-    st = Stage(out / "data", "data", {"data": cfg.section_dict("data"), "seed": cfg.run.seed}, _log)
+    st = Stage(out / "data", "data", {"data": cfg.section_dict("data"), "seed": cfg.run.seed}, _log,
+               prepare=ctx.ranks.is_main)
     if not st.done():
+        if not ctx.ranks.is_main:
+            return None
         write_phantom(out / "data" / "real", seed=cfg.run.seed, site=Site.A, size=d.phantom_size,
                       counts=d.phantom_counts, show_progress=False)
         if d.unseen_phantom_counts:
@@ -166,15 +184,18 @@ def stage_data(ctx: Context) -> Data:
                 unseen=str(unseen) if unseen.is_dir() else "", unseen_sha256=st.outputs_sha256)
 
 
-def stage_split(ctx: Context, data: Data) -> Split:
-    """`meddap split` with [data]'s split settings (its seed is [run] seed)."""
+def stage_split(ctx: Context, data: Data) -> Split | None:
+    """`meddap split` with [data]'s split settings (its seed is [run] seed); rank 0 writes it."""
     from meddap.data.splits import SplitConfig, write_split
 
     split_cfg = stage_config(SplitConfig, ctx.cfg.data)
     st = Stage(ctx.out / "split", "split", {"real_sha256": data.real_sha256,
-                                            **{k: v for k, v in asdict(split_cfg).items()}}, _log)
+                                            **{k: v for k, v in asdict(split_cfg).items()}}, _log,
+               prepare=ctx.ranks.is_main)
     path = ctx.out / "split" / "split.json"
     if not st.done():
+        if not ctx.ranks.is_main:
+            return None
         write_split(data.real, path, split_cfg, show_progress=False)
         st.finish()
     return Split(path=str(path), sha256=sha256_file(path))
@@ -182,16 +203,18 @@ def stage_split(ctx: Context, data: Data) -> Split:
 
 # ---------------------------------------------------------------- 3. USLoRA
 
-def stage_lora(ctx: Context, split: Split, fold: int) -> Adapter:
-    """`meddap train-lora` with [lora] on the fold's training part."""
+def stage_lora(ctx: Context, split: Split, fold: int, work: bool) -> Adapter | None:
+    """`meddap train-lora` with [lora] on the fold's training part (done by the fold's rank)."""
     from meddap.lora.train import train_lora
 
     folder = ctx.out / f"fold{fold}" / "lora"
     run_cfg = replace(ctx.cfg.lora, checkpoint=str(ctx.checkpoint), data=f"{split.path}:{fold}:train",
                       out=str(folder))
     st = Stage(folder, f"fold{fold}/lora", {"lora": ctx.cfg.section_dict("lora"), "base_sha256": ctx.base_sha256,
-                                            "split_sha256": split.sha256, "fold": fold}, _log)
+                                            "split_sha256": split.sha256, "fold": fold}, _log, prepare=work)
     if not st.done():
+        if not work:
+            return None
         train_lora(run_cfg, _label("lora"))
         st.finish()
     path = folder / "lora.safetensors"
@@ -200,11 +223,11 @@ def stage_lora(ctx: Context, split: Split, fold: int) -> Adapter:
 
 # ---------------------------------------------------------------- 4-5. generation
 
-def stage_expand(ctx: Context, split: Split, fold: int, lora: Adapter) -> Synthetic:
+def stage_expand(ctx: Context, split: Split, fold: int, lora: Adapter, work: bool) -> Synthetic | None:
     """`meddap expand` (meddap.data.expand) on the fold's training images, into
     OUT/fold{k}/synthetic/{adjective|no_adjective}/ratio_{r}/train/{class}/: int(count x ratio)
     images per class; image i of a class is the same picture at every ratio. The base seed of
-    fold k is image_seed([run] seed, k)."""
+    fold k is image_seed([run] seed, k). Every rank samples its chunks; rank 0 finishes."""
     from meddap.data.datasets import resolve_images
     from meddap.data.expand import ExpandConfig, adjective_folder, expand, ratio_folder
     from meddap.sampling.text_to_image import image_seed
@@ -213,33 +236,48 @@ def stage_expand(ctx: Context, split: Split, fold: int, lora: Adapter) -> Synthe
     out = ctx.out / f"fold{fold}" / "synthetic"
     data = f"{split.path}:{fold}:train"
     counts = resolve_images(data).counts()
-    st = Stage(out, f"fold{fold}/expand", {"generate": ctx.cfg.section_dict("generate"),
-                                           "lora_sha256": lora.sha256, "counts": counts}, _log)
+    inputs = {"generate": ctx.cfg.section_dict("generate"), "lora_sha256": lora.sha256, "counts": counts}
+    st = Stage(out, f"fold{fold}/expand", inputs, _log, prepare=False)
+    if work:                          # rank 0 empties a stale folder before any rank samples into it
+        if ctx.ranks.is_main:
+            Stage(out, f"fold{fold}/expand", inputs, _log).done()
+        ctx.ranks.barrier(f"expand fold {fold}")
     if not st.done():
+        if not work:
+            return None
         _log(f"fold {fold}: expanding with {len(g.adjectives)} adjective(s) x ratios {list(g.ratios)}")
-        expand(stage_config(ExpandConfig, g, checkpoint=str(ctx.checkpoint), data=data, out=str(out),
-                            lora=str(lora.path), seed=image_seed(ctx.cfg.run.seed, fold)))
+        summary = expand(stage_config(ExpandConfig, g, checkpoint=str(ctx.checkpoint), data=data, out=str(out),
+                                      lora=str(lora.path), seed=image_seed(ctx.cfg.run.seed, fold)), ctx.ranks)
+        if not summary:                 # not rank 0, or a shard whose siblings have not sampled theirs yet
+            return None
         st.finish()
     folders = {adj: {r: str(out / adjective_folder(adj) / ratio_folder(r) / "train") for r in g.ratios}
                for adj in g.adjectives}
     return Synthetic(folders=folders, sha256=st.outputs_sha256)
 
 
-def stage_check(ctx: Context, classes: list[str], lora: Adapter) -> Check:
+def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> Check | None:
     """The adaptation check of the demo: the same prompts and seeds through the adapted
     base (OUT/synthetic/{class}) and the base alone (OUT/synthetic_base/{class}), written
-    by the one generation path of `meddap sample`. One model is held at a time."""
+    by the one generation path of `meddap sample`, chunk k by rank k mod N; one model is
+    held at a time. Rank 0 merges the ranks' manifest lines and finishes."""
     from meddap.data.prompts import prompt_for
+    from meddap.io import read_jsonl, write_text_atomic
     from meddap.sampling.generation import GenerationConfig, ImageJob, load_model, write_images
     from meddap.sampling.text_to_image import image_seed
 
-    g = ctx.cfg.generate
+    g, ranks = ctx.cfg.generate, ctx.ranks
     gen = stage_config(GenerationConfig, g)
     folders = {"adapted": ctx.out / "synthetic", "base": ctx.out / "synthetic_base"}
-    st = Stage(ctx.out / "check", "check", {"generate": ctx.cfg.section_dict("generate"),
-                                            "lora_sha256": lora.sha256, "classes": classes}, _log,
-               owns=tuple(folders.values()))
+    inputs = {"generate": ctx.cfg.section_dict("generate"), "lora_sha256": lora.sha256, "classes": classes}
+    st = Stage(ctx.out / "check", "check", inputs, _log, owns=tuple(folders.values()), prepare=False)
+    if work:                          # rank 0 empties stale folders before any rank samples into them
+        if ranks.is_main:
+            Stage(ctx.out / "check", "check", inputs, _log, owns=tuple(folders.values())).done()
+        ranks.barrier("check prepare")
     if not st.done():
+        if not work:
+            return None
         jobs = [ImageJob(file=f"{cls}/{cls}_{i:04d}.png", prompt=prompt_for(cls, as_released=g.as_released),
                          seed=image_seed(ctx.cfg.run.seed * 7 + c, i), meta={"class": cls, "index": i})
                 for c, cls in enumerate(classes) for i in range(g.check_images)]
@@ -247,78 +285,166 @@ def stage_check(ctx: Context, classes: list[str], lora: Adapter) -> Check:
             _log(f"check: {len(jobs)} images from the {kind} model")
             sd = load_model(str(ctx.checkpoint), str(lora.path) if kind == "adapted" else None,
                             device=gen.device, dtype=gen.dtype)
-            write_images(sd, gen, jobs, folder, manifest=folder / "manifest.jsonl", quiet=True)
+            write_images(sd, gen, jobs, folder, manifest=folder / f"manifest.rank{ranks.rank}.jsonl",
+                         chunk_filter=ranks.owns, quiet=True)
             del sd
+        ranks.barrier("check")
+        if not ranks.is_main:
+            return None
+        for folder in folders.values():
+            rows = {r["file"]: r for p in sorted(folder.glob("manifest.rank*.jsonl")) for r in read_jsonl(p)}
+            if any(j.file not in rows for j in jobs):
+                return None                 # a shard's chunks are still missing
+            write_text_atomic(folder / "manifest.jsonl",
+                              "".join(json.dumps(rows[j.file], sort_keys=True) + "\n" for j in jobs))
+            for p in folder.glob("manifest.rank*.jsonl"):
+                p.unlink()
         st.finish({"sha256": {k: tree_sha256(f) for k, f in folders.items()}})
     return Check(folders={k: str(f) for k, f in folders.items()}, sha256=json_sha256(st.record["sha256"]))
 
 
 # ---------------------------------------------------------------- 6. FID / KID
 
-def stage_fid(ctx: Context, split: Split, fold: int, sets: dict[str, str], inputs_sha: str) -> dict:
-    """`meddap fid` (meddap.fid.score_sets) of each set against the fold's real training images."""
+def _fid_config(ctx: Context):
+    return replace(ctx.cfg.fid, inception_weights=str(resolve_path(ctx.cfg.fid.inception_weights)),
+                   cache_dir=str(ctx.out / "cache" / "fid"))
+
+
+def stage_fid(ctx: Context, split: Split, fold: int, sets: dict[str, str], inputs_sha: str,
+              units: list[int]) -> dict | None:
+    """`meddap fid` (meddap.fid.score_sets) of each set against the fold's real training images:
+    set i is one unit (OUT/fold{k}/fid/set{i}.json); rank 0 assembles OUT/fold{k}/fid/fid.json."""
     from meddap.fid import resolve_feature_space, score_sets
     from meddap.settings import toml_label
 
-    fold_dir = ctx.out / f"fold{fold}"
-    fid_cfg = replace(ctx.cfg.fid, inception_weights=str(resolve_path(ctx.cfg.fid.inception_weights)),
-                      cache_dir=str(ctx.out / "cache" / "fid"))
+    folder = ctx.out / f"fold{fold}" / "fid"
+    fid_cfg = _fid_config(ctx)
     space = resolve_feature_space(fid_cfg, toml_label("fid"))      # "auto" turns inception once the weights appear
-    st = Stage(fold_dir / "fid", f"fold{fold}/fid", {"fid": ctx.cfg.section_dict("fid"), "space": space.value,
-                                                     "inputs": inputs_sha}, _log)
+    st = Stage(folder, f"fold{fold}/fid", {"fid": ctx.cfg.section_dict("fid"), "space": space.value,
+                                           "inputs": inputs_sha}, _log, prepare=False)
     if st.done():
         return st.record["result"]
-    result = score_sets(fid_cfg, f"{split.path}:{fold}:train", sets, label=toml_label("fid"))
-    write_json_atomic(fold_dir / "fid" / "fid.json", result)
+    names = list(sets)
+    for i in units:
+        part = folder / f"set{i}.json"
+        if not part.is_file():
+            result = score_sets(fid_cfg, f"{split.path}:{fold}:train", {names[i]: sets[names[i]]},
+                                label=toml_label("fid"))
+            write_json_atomic(part, _without_cache_flags(result))
+    return None
+
+
+def finish_fid(ctx: Context, fold: int, sets: dict[str, str], inputs_sha: str) -> dict | None:
+    """Rank 0: fid.json from the per-set files, once all are there."""
+    import json as _json
+
+    from meddap.fid import resolve_feature_space
+    from meddap.settings import toml_label
+
+    folder = ctx.out / f"fold{fold}" / "fid"
+    space = resolve_feature_space(_fid_config(ctx), toml_label("fid"))
+    st = Stage(folder, f"fold{fold}/fid", {"fid": ctx.cfg.section_dict("fid"), "space": space.value,
+                                           "inputs": inputs_sha}, _log, prepare=False)
+    if st.done():
+        return st.record["result"]
+    parts = [folder / f"set{i}.json" for i in range(len(sets))]
+    if not all(p.is_file() for p in parts):
+        return None
+    results = [_json.loads(p.read_text(encoding="utf-8")) for p in parts]
+    result = {**results[0], "sets": {k: v for r in results for k, v in r["sets"].items()}}
+    write_json_atomic(folder / "fid.json", result)
     st.finish({"result": result})
     return result
 
 
+def _without_cache_flags(result: dict) -> dict:
+    """Whether features came from the cache depends on which unit ran first: not a result."""
+    result = {**result, "reference": {k: v for k, v in result["reference"].items() if k != "from_cache"}}
+    result["sets"] = {n: {k: v for k, v in row.items() if k != "from_cache"} for n, row in result["sets"].items()}
+    return result
+
+
+def prepare_fid(ctx: Context, fold: int, inputs_sha: str) -> None:
+    """Rank 0: empty a fid folder whose inputs changed, before any rank writes a set file into it."""
+    from meddap.fid import resolve_feature_space
+    from meddap.settings import toml_label
+
+    space = resolve_feature_space(_fid_config(ctx), toml_label("fid"))
+    Stage(ctx.out / f"fold{fold}" / "fid", f"fold{fold}/fid", {"fid": ctx.cfg.section_dict("fid"),
+                                                               "space": space.value, "inputs": inputs_sha},
+          _log).done()
+
+
 # ---------------------------------------------------------------- 7-8. classifiers and Grad-CAM
 
-def stage_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic: Synthetic,
-                   check: Check | None) -> dict:
-    """One result cell per (network, condition) via meddap.classify.cells.run_cell, each trained
-    as `meddap classify train` with [classify]; the real-only network also scores the check
-    sets. Cells are skipped when complete."""
-    from meddap.classify.cells import DATASET_A, DATASET_B, SYNTHETIC, CellSpec, cell_path, condition_name, run_cell
-    from meddap.classify.evaluate import evaluate
+def classify_units(ctx: Context, data: Data, split: Split, fold: int, synthetic: Synthetic) -> list:
+    """The fold's cells in their canonical order: (network, adjective, ratio) with their CellSpec."""
+    from meddap.classify.cells import DATASET_A, DATASET_B, SYNTHETIC, CellSpec, condition_name
     from meddap.classify.train import TrainConfig
 
     c, g = ctx.cfg.classify, ctx.cfg.generate
     fold_dir = ctx.out / f"fold{fold}"
-    inputs = {"classify": ctx.cfg.section_dict("classify"), "synthetic_sha256": synthetic.sha256,
-              "data": data.real_sha256, "unseen": data.unseen_sha256, "split": split.sha256, "fold": fold,
-              "check": check.folders if check else {}, "check_sha256": check.sha256 if check else ""}
-    st = Stage(fold_dir / "classify", f"fold{fold}/classify", inputs, _log)
-    if st.done():
-        return st.record["result"]
     part = f"{split.path}:{fold}"
     tests = ((DATASET_A, f"{part}:test"),) + (((DATASET_B, data.unseen),) if data.unseen else ())
     fig1a = tuple((SYNTHETIC + adj, synthetic.folders[adj][max(g.ratios)])
                   for adj in g.adjectives)       # real-only networks on each synthetic set
     conditions = [(None, 0.0)] + [(a, r) for a in g.adjectives for r in g.ratios]
-    result: dict = {"cells": {}, "check": {}}
+    units = []
     for arch in c.networks:
-        net = arch.value
         for adjective, ratio in conditions:
             name = condition_name(adjective, ratio)
             train = (f"{part}:train",) + (() if adjective is None else (synthetic.folders[adjective][ratio],))
             train_cfg = stage_config(TrainConfig, c, arch=arch, train=train, val=f"{part}:val",
-                                     out=fold_dir / "classify" / net / name,
-                                     init=fold_dir / "classify" / net / "init.pt",
+                                     out=fold_dir / "classify" / arch.value / name,
+                                     init=fold_dir / "classify" / arch.value / "init.pt",
                                      weights_dir=resolve_path("weights"))
-            spec = CellSpec(train=train_cfg, fold=fold, adjective=adjective, ratio=ratio,
-                            tests=tests + (fig1a if adjective is None else ()))
-            _log(f"fold {fold}: classifier {net} on {name}")
-            cell = run_cell(spec, cell_path(fold_dir / "classify", arch, name, fold))
-            result["cells"][f"{net}/{name}"] = {t: cell["evaluations"][t]["accuracy"] for t in cell["evaluations"]}
-        if check:
-            real_only = fold_dir / "classify" / net / condition_name(None, 0.0)
+            units.append((fold, arch, name, CellSpec(train=train_cfg, fold=fold, adjective=adjective, ratio=ratio,
+                                                     tests=tests + (fig1a if adjective is None else ()))))
+    return units
+
+
+def _classify_stage(ctx: Context, data: Data, split: Split, fold: int, synthetic: Synthetic,
+                    check: Check | None, prepare: bool) -> Stage:
+    inputs = {"classify": ctx.cfg.section_dict("classify"), "synthetic_sha256": synthetic.sha256,
+              "data": data.real_sha256, "unseen": data.unseen_sha256, "split": split.sha256, "fold": fold,
+              "check": check.folders if check else {}, "check_sha256": check.sha256 if check else ""}
+    return Stage(ctx.out / f"fold{fold}" / "classify", f"fold{fold}/classify", inputs, _log, prepare=prepare)
+
+
+def run_classify_unit(ctx: Context, unit) -> None:
+    """One result cell via meddap.classify.cells.run_cell, trained as `meddap classify train`
+    with [classify]; skipped when complete."""
+    from meddap.classify.cells import cell_path, run_cell
+
+    fold, arch, name, spec = unit
+    _log(f"fold {fold}: classifier {arch.value} on {name}")
+    run_cell(spec, cell_path(ctx.out / f"fold{fold}" / "classify", arch, name, fold))
+
+
+def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic: Synthetic,
+                    check: Check | None) -> dict | None:
+    """Rank 0: summary.json from the cells (once all are there); the real-only network also
+    scores the check sets."""
+    from meddap.classify.cells import cell_path, condition_name, read_cell
+    from meddap.classify.evaluate import evaluate
+
+    st = _classify_stage(ctx, data, split, fold, synthetic, check, prepare=False)
+    if st.done():
+        return st.record["result"]
+    fold_dir = ctx.out / f"fold{fold}"
+    result: dict = {"cells": {}, "check": {}}
+    for _, arch, name, _ in classify_units(ctx, data, split, fold, synthetic):
+        cell = read_cell(cell_path(fold_dir / "classify", arch, name, fold))
+        if cell is None:
+            return None
+        result["cells"][f"{arch.value}/{name}"] = {t: cell["evaluations"][t]["accuracy"] for t in cell["evaluations"]}
+    if check:
+        for arch in ctx.cfg.classify.networks:
+            real_only = fold_dir / "classify" / arch.value / condition_name(None, 0.0)
             for kind, folder in check.folders.items():
-                r = evaluate(real_only, folder, device=c.device)
-                result["check"][f"{net}/{kind}"] = {"accuracy": r["accuracy"], "confusion": r["confusion"],
-                                                    "classes": r["model_classes"]}
+                r = evaluate(real_only, folder, device=ctx.cfg.classify.device)
+                result["check"][f"{arch.value}/{kind}"] = {"accuracy": r["accuracy"], "confusion": r["confusion"],
+                                                           "classes": r["model_classes"]}
     write_json_atomic(fold_dir / "classify" / "summary.json", result)
     st.finish({"result": result})
     return result
@@ -327,8 +453,6 @@ def stage_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic:
 def stage_gradcam(ctx: Context, split: Split, fold: int, classified: dict) -> list[str]:
     """Grad-CAM panels (real-only vs the best real+synthetic network) on a few test images,
     taken round-robin over the classes."""
-    import json
-
     from meddap.classify.cells import condition_name
     from meddap.classify.gradcam import write_gradcam_panels
 
@@ -358,12 +482,29 @@ def stage_gradcam(ctx: Context, split: Split, fold: int, classified: dict) -> li
 
 # ---------------------------------------------------------------- the whole run
 
-def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
-    """Run (or resume) every stage of `cfg`; return the path of report.md."""
-    from meddap.classify.tables import write_tables
-    from meddap.data.datasets import scan_folder
-    from meddap.pipeline.report import write_report
+class _Progress:
+    """One line per finished unit of a stage on this rank: count, elapsed time, ETA."""
 
+    def __init__(self, name: str, units: int, ranks: Ranks):
+        self.name, self.total, self.done, self.t0 = name, len(ranks.mine(range(units))), 0, time.monotonic()
+        _log(f"stage {name}: {units} unit(s) on {ranks.world} rank(s), {self.total} here")
+
+    def tick(self) -> None:
+        from meddap.progress import _fmt_seconds
+
+        self.done += 1
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        _log(f"stage {self.name}: {self.done}/{self.total} here, {_fmt_seconds(elapsed)} elapsed, "
+             f"ETA {_fmt_seconds(eta)}")
+
+
+def run(cfg: RunConfig, out: str | Path | None = None, ranks: Ranks | None = None) -> Path | None:
+    """Run (or resume) every stage of `cfg` on this rank; return the path of report.md
+    (None on a shard that stopped at a stage waiting for another shard)."""
+    global _RANKS
+    ranks = ranks or Ranks()
+    _RANKS = ranks
     out = Path(out or cfg.run.out)
     checkpoint = resolve_path(cfg.lora.checkpoint)
     if not checkpoint.exists():
@@ -373,34 +514,123 @@ def run(cfg: RunConfig, out: str | Path | None = None) -> Path:
     preflight(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    write_json_atomic(out / "config.json", {s: cfg.section_dict(s) for s in
-                                            ("run", "data", "lora", "generate", "fid", "classify")})
-    ctx = Context(cfg=cfg, out=out, checkpoint=checkpoint, base_sha256=sha256_file(checkpoint))
-    data = stage_data(ctx)
-    split = stage_split(ctx, data)
+    if ranks.is_main:
+        write_json_atomic(out / "config.json", {s: cfg.section_dict(s) for s in
+                                                ("run", "data", "lora", "generate", "fid", "classify")})
+    ctx = Context(cfg=cfg, out=out, checkpoint=checkpoint, base_sha256=sha256_file(checkpoint), ranks=ranks)
+    try:
+        report = _stages(ctx, t0)
+    except NotReady as e:
+        _log(f"shard {ranks.rank}/{ranks.world}: stopping at {e}, which waits for other shards; run the shards "
+             f"again, or `meddap run` without --shard to finish and assemble the tables.")
+        return None
+    if report is not None:
+        _log(f"done in {time.monotonic() - t0:.0f} s; report: {report}")
+    return report
+
+
+def _ready(value, name: str):
+    if value is None:
+        raise NotReady(name)
+    return value
+
+
+def _stages(ctx: Context, t0: float) -> Path | None:
+    from meddap.data.datasets import scan_folder
+
+    cfg, ranks = ctx.cfg, ctx.ranks
+    folds = range(cfg.data.folds)
+    g = cfg.generate
+    with ranks.step("data"):
+        stage_data(ctx)
+    data = _ready(stage_data(ctx), "data")
+    with ranks.step("split"):
+        stage_split(ctx, data)
+    split = _ready(stage_split(ctx, data), "split")
     classes = scan_folder(data.real).classes
-    folds: list[Fold] = []
-    for k in range(cfg.data.folds):
-        lora = stage_lora(ctx, split, k)
-        synthetic = stage_expand(ctx, split, k, lora)
-        check = stage_check(ctx, classes, lora) if cfg.generate.check_images and k == 0 else None
-        top = max(cfg.generate.ratios)
-        sets = {f"{adj} (x{top:g})": synthetic.folders[adj][top] for adj in cfg.generate.adjectives}
-        sets.update({f"check/{kind}": f for kind, f in (check.folders if check else {}).items()})
-        fid = stage_fid(ctx, split, k, sets, json_sha256([synthetic.sha256, check.sha256 if check else "",
-                                                         split.sha256]))
-        classified = stage_classify(ctx, data, split, k, synthetic, check)
-        gradcam = stage_gradcam(ctx, split, k, classified)
-        folds.append(Fold(fold=k, lora=lora, fid=fid, classify=classified, gradcam=gradcam, check=check))
+
+    bar = _Progress("lora", len(folds), ranks)
+    with ranks.step("lora"):
+        for k in ranks.mine(folds):
+            stage_lora(ctx, split, k, work=True)
+            bar.tick()
+    loras = [_ready(stage_lora(ctx, split, k, work=False), f"lora of fold {k}") for k in folds]
+
+    _log(f"stage expand: {len(folds)} fold(s), image chunks on {ranks.world} rank(s)")
+    with ranks.step("expand"):
+        for k in folds:
+            stage_expand(ctx, split, k, loras[k], work=True)
+    synthetic = [_ready(stage_expand(ctx, split, k, loras[k], work=False), f"expansion of fold {k}")
+                 for k in folds]
+
+    check = None
+    if g.check_images:
+        with ranks.step("check"):
+            stage_check(ctx, classes, loras[0], work=True)
+        check = _ready(stage_check(ctx, classes, loras[0], work=False), "check")
+
+    top = max(g.ratios)
+    fid_sets, fid_inputs = {}, {}
+    for k in folds:
+        sets = {f"{adj} (x{top:g})": synthetic[k].folders[adj][top] for adj in g.adjectives}
+        if k == 0 and check:
+            sets.update({f"check/{kind}": f for kind, f in check.folders.items()})
+        fid_sets[k] = sets
+        fid_inputs[k] = json_sha256([synthetic[k].sha256, check.sha256 if check and k == 0 else "", split.sha256])
+    with ranks.step("fid-prepare"):
+        if ranks.is_main:
+            for k in folds:
+                prepare_fid(ctx, k, fid_inputs[k])
+    fid_units = [(k, i) for k in folds for i in range(len(fid_sets[k]))]
+    bar = _Progress("fid", len(fid_units), ranks)
+    with ranks.step("fid"):
+        for k, i in ranks.mine(fid_units):
+            stage_fid(ctx, split, k, fid_sets[k], fid_inputs[k], [i])
+            bar.tick()
+    fids = {}
+    with ranks.step("fid-finish"):
+        if ranks.is_main:
+            fids = {k: finish_fid(ctx, k, fid_sets[k], fid_inputs[k]) for k in folds}
+
+    with ranks.step("classify-prepare"):
+        if ranks.is_main:
+            for k in folds:
+                _classify_stage(ctx, data, split, k, synthetic[k], check if k == 0 else None, prepare=True).done()
+    cls_units = [u for k in folds for u in classify_units(ctx, data, split, k, synthetic[k])]
+    bar = _Progress("classify", len(cls_units), ranks)
+    with ranks.step("classify"):
+        for unit in ranks.mine(cls_units):
+            run_classify_unit(ctx, unit)
+            bar.tick()
+    classified = {}
+    with ranks.step("classify-finish"):
+        if ranks.is_main:
+            classified = {k: finish_classify(ctx, data, split, k, synthetic[k], check if k == 0 else None)
+                          for k in folds}
+    report = None
+    with ranks.step("report"):              # rank 0 draws Grad-CAM, the tables and the report
+        if ranks.is_main:
+            report = _report(ctx, t0, data, split, loras, check, fids, classified)
+    return report
+
+
+def _report(ctx: Context, t0: float, data: Data, split: Split, loras: list, check: Check | None,
+            fids: dict, classified: dict) -> Path:
+    from meddap.classify.tables import write_tables
+    from meddap.pipeline.report import write_report
+
+    cfg, out, folds = ctx.cfg, ctx.out, range(ctx.cfg.data.folds)
+    for k in folds:
+        _ready(fids[k], f"fid of fold {k}")
+        _ready(classified[k], f"classifiers of fold {k}")
+    gradcams = {k: stage_gradcam(ctx, split, k, classified[k]) for k in folds}
     tables = [str(p) for p in write_tables(collect_cells(out, cfg.data.folds), out / "tables")]
-    report = write_report(cfg, out, {
+    return write_report(cfg, out, {
         "data": asdict(data), "split": split.path, "base_sha256": ctx.base_sha256, "tables": tables,
         "seconds": round(time.monotonic() - t0, 1),
-        "folds": [{"fold": f.fold, "lora": str(f.lora.path), "lora_sha256": f.lora.sha256, "fid": f.fid,
-                   "classify": f.classify, "gradcam": f.gradcam,
-                   "check": f.check.folders if f.check else None} for f in folds]})
-    _log(f"done in {time.monotonic() - t0:.0f} s; report: {report}")
-    return report
+        "folds": [{"fold": k, "lora": str(loras[k].path), "lora_sha256": loras[k].sha256, "fid": fids[k],
+                   "classify": classified[k], "gradcam": gradcams[k],
+                   "check": check.folders if (check and k == 0) else None} for k in folds]})
 
 
 RESULTS_MANIFEST = "results.json"

@@ -41,15 +41,31 @@ def tree_sha256(folder: Path) -> str:
 class Stage:
     """`with`-less helper: `if not st.done(): ...work in st.folder...; st.finish(extra)`."""
 
-    def __init__(self, folder: Path, name: str, inputs: dict, log=print, owns: tuple[Path, ...] = ()):
-        """`owns`: output folders outside `folder` that are emptied with it when inputs change."""
+    def __init__(self, folder: Path, name: str, inputs: dict, log=print, owns: tuple[Path, ...] = (),
+                 prepare: bool = True):
+        """`owns`: output folders outside `folder` that are emptied with it when inputs change.
+        `prepare`: whether this process may empty and start the folder (one process per
+        stage does: the others of a multi-process run only `peek`)."""
         self.folder, self.name, self.inputs = Path(folder), name, inputs
         self.owns = tuple(Path(p) for p in owns)
         self.key = json_sha256(inputs)
         self.log = log
+        self.prepare = prepare
         self.record: dict | None = None
 
+    def peek(self) -> bool:
+        """True (and the record loaded) when stage.json holds these inputs; no side effects."""
+        marker = self.folder / MARKER
+        if marker.is_file():
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            if record.get("inputs_sha256") == self.key:
+                self.record = record
+                return True
+        return False
+
     def done(self) -> bool:
+        if not self.prepare:
+            return self.peek()
         marker = self.folder / MARKER
         if marker.is_file():
             record = json.loads(marker.read_text(encoding="utf-8"))

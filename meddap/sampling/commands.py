@@ -9,8 +9,9 @@ an image made with other settings stops the run with an error.
 """
 from __future__ import annotations
 
+from meddap.outdir import FORCE_HELP, owned_output, settings_sha256, torchrun_job_id
 from meddap.sampling.generation import MANIFEST_NAME, SampleConfig
-from meddap.settings import add_arguments, from_args, validate
+from meddap.settings import add_arguments, as_dict, from_args, validate
 
 
 def image_name(index: int) -> str:
@@ -25,11 +26,14 @@ def register(subparsers) -> None:
                     "from a generator seeded with image_seed(--seed, k), so it gets the same "
                     "noise whatever --batch-size. Re-run the same command to resume.")
     add_arguments(p, SampleConfig)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run_sample)
 
 
 def run_sample(args) -> int:
-    return sample(from_args(SampleConfig, args))
+    cfg = from_args(SampleConfig, args)
+    with owned_output(cfg.out, "sample", settings_sha256(as_dict(cfg)), args.force, torchrun_job_id()):
+        return sample(cfg)
 
 
 def sample(cfg: SampleConfig) -> int:
