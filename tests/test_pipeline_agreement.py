@@ -65,6 +65,7 @@ epochs = 1
 batch_size = 4
 size = {SIZE}
 gradcam_images = 0
+classic = true
 """
 
 
@@ -110,7 +111,8 @@ def runs(tmp_path_factory):
                                 "--features", "pixels", "--kid", "--json", "--no-cache", "--device", "cpu",
                                 "--quiet"))
         (hand / f"fold{k}" / "fid.json").write_text(json.dumps(fid))
-        for name, extra in (("real", ()), ("none_25", ("--train", syn / "no_adjective" / "ratio_0.25" / "train"))):
+        for name, extra in (("real", ()), ("classic", ("--augment", "classic")),
+                            ("none_25", ("--train", syn / "no_adjective" / "ratio_0.25" / "train"))):
             net = hand / f"fold{k}" / "squeezenet1.1"
             meddap("classify", "train", "--arch", "squeezenet1.1", "--train", f"{part}:train", *extra,
                    "--val", f"{part}:val", "--out", net / name, "--epochs", 1, "--batch-size", 4, "--size", SIZE,
@@ -143,11 +145,12 @@ def test_adapters_images_fid_and_cells_equal_the_commands(runs, k):
     assert fid["feature_space"] == "pixels" and not fid["is_fid"]
     assert row["frechet"] == by_hand["fid"] and row["kid"] == by_hand["kid"]["mean"]
 
-    for name in ("real", "none_25"):
+    for name in ("real", "classic", "none_25"):
         cell_file, = (run_out / "results" / "cells" / "squeezenet1.1" / name).glob(f"fold{k}*.json")
         cell = json.loads(cell_file.read_text())
         evaluation = json.loads((hand / f"fold{k}" / "squeezenet1.1" / f"{name}.eval.json").read_text())
         ours = cell["evaluations"]["dataset_a"]
+        assert ours.pop("correct") == [int(p["true"] == p["pred"]) for p in evaluation["predictions"]]
         for result in (ours, evaluation):      # where the model and the split live, not what they are
             result.pop("predictions", None), result.pop("model"), result.pop("data")
         assert ours == evaluation and ours["accuracy"] == cell["evaluations"]["dataset_a"]["accuracy"]
@@ -157,9 +160,9 @@ def test_multi_fold_collection_and_tables(runs):
     run_out, _, _ = runs
     cells = sorted(p.relative_to(run_out / "results").parent.as_posix() + "/" + p.name[:5]
                    for p in (run_out / "results").rglob("fold*.json"))
-    assert cells == [f"cells/squeezenet1.1/{c}/fold{k}" for c in ("none_25", "real") for k in range(FOLDS)]
+    assert cells == [f"cells/squeezenet1.1/{c}/fold{k}" for c in ("classic", "none_25", "real") for k in range(FOLDS)]
     tables = (run_out / "tables" / "tables.md").read_text()
-    assert "4 cells" in tables and "| adjective | ratio | squeezenet1.1 |" in tables
+    assert "6 cells" in tables and "| adjective | ratio | squeezenet1.1 |" in tables
     assert "| none | +25% |" in tables and "| real only | — |" in tables
 
 

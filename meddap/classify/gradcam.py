@@ -133,6 +133,7 @@ def write_gradcam_panels(models: list[str], images: str, out, target: str = "pre
     from meddap.device import resolve_device
     from meddap.errors import MeddapError
     from meddap.io import atomic_path
+    from meddap.progress import Progress
 
     mode = CamTarget(target)
     device = resolve_device(device)
@@ -143,6 +144,7 @@ def write_gradcam_panels(models: list[str], images: str, out, target: str = "pre
     display = int(loaded[0][1]["size"])
     shown = to_tensor_set([image_set], image_set.classes, display)
     cams: list[list[tuple[str, np.ndarray]]] = [[] for _ in items]
+    bar = Progress(total=len(loaded) * len(items), desc="gradcam")     # one unit per (model, image)
     for net, meta in loaded:
         classes = list(meta["classes"])
         if mode is CamTarget.TRUE and any(it.label not in classes for it in items):
@@ -158,7 +160,9 @@ def write_gradcam_panels(models: list[str], images: str, out, target: str = "pre
                                 align_corners=False)[0, 0]                     # (D, D)
             caption = f"{meta['arch']}\n-> {classes[int(logits.argmax(1))]}"
             cams[i].append((caption, cam.cpu().numpy()))
+            bar.update(1, postfix=meta["arch"])
         cam_engine.remove()
+    bar.close()
     out = Path(out)
     for i, it in enumerate(items):
         picture = shown.images[i].permute(1, 2, 0).numpy()                     # (3,D,D)->(D,D,3)

@@ -303,8 +303,8 @@ def train_classifier(cfg: TrainConfig) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     train_images, train_labels = train.images.to(device), train.labels.to(device)
     n_batches = train.images.shape[0] // cfg.batch_size            # drop_last
-    bar = Progress(total=cfg.epochs, initial=start, desc=f"{cfg.arch.value}",
-                   enabled=cfg.show_progress)
+    bar = Progress(total=cfg.epochs * n_batches, initial=start * n_batches,   # one unit per batch
+                   desc=f"{cfg.arch.value}", enabled=cfg.show_progress)
     for epoch in range(start, cfg.epochs):
         t0 = time.monotonic()
         model.train()
@@ -326,6 +326,7 @@ def train_classifier(cfg: TrainConfig) -> dict:
             scaler.update()
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
+            bar.update(1)
         model.eval()
         val_logits = predict(model, val.images, cfg.batch_size, device)
         val_loss = float(loss_fn(val_logits, val.labels.to(device)))
@@ -351,7 +352,8 @@ def train_classifier(cfg: TrainConfig) -> dict:
                           "rng_cuda": torch.cuda.get_rng_state(device) if on_cuda else None},
                          state_path)
         _write_log(out / "log.csv", rows)
-        bar.update(1, postfix=f"val acc {val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
+        bar.update(0, postfix=f"epoch {epoch + 1}/{cfg.epochs} loss {rows[-1]['train_loss']:.3f} "
+                              f"val acc {val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
     bar.close()
 
     # 5. result

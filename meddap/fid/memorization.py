@@ -142,6 +142,14 @@ def _check_classes(what: str, spec: str, labels: list[str], train: str, train_la
                           f"same class, so use folders with the same class folders (or flat folders).")
 
 
+def closest_grid(result: dict, path: Path) -> Path:
+    """The closest (synthetic above its nearest training image) pairs as one picture, with distances."""
+    from meddap.figures import pair_grid
+
+    return pair_grid([(Path(p["synthetic"]), Path(p["train"]),
+                       f"{p['distance']:.4f}" + (" flagged" if p["flagged"] else "")) for p in result["closest"]], path)
+
+
 def memorization(cfg: MemorizationConfig, *, label: Label = cli_label) -> dict:
     """The check of the module docstring; the JSON-ready result described there."""
     from meddap.fid.config import FidConfig
@@ -231,7 +239,6 @@ def register(subparsers) -> None:
 
 
 def run_memorization(args: argparse.Namespace) -> int:
-    from meddap.figures import pair_grid
     from meddap.io import write_json_atomic
     from meddap.outdir import check_output_file
 
@@ -244,9 +251,7 @@ def run_memorization(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_json_atomic(args.out, result)
     if args.grid is not None:
-        captions = [f"{p['distance']:.4f}" + (" flagged" if p["flagged"] else "") for p in result["closest"]]
-        pair_grid([(Path(p["synthetic"]), Path(p["train"]), caption)
-                   for p, caption in zip(result["closest"], captions)], args.grid)
+        closest_grid(result, args.grid)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -10,7 +10,7 @@ field of that stage's command, with the same type, default and check
     [generate]  GenerateSection: meddap.data.expand.ExpandConfig (`meddap expand`) + check_images
     [fid]       meddap.fid.FidConfig                 (`meddap fid`)
     [classify]  ClassifySection: meddap.classify.train.TrainConfig (`meddap classify train`)
-                + networks and gradcam_images
+                + networks, gradcam_images, seeds, classic, classic_synthetic
 
 What the pipeline fills itself is not a key: the per-fold data and output
 folders, the device (from `[run] device`), the generation's checkpoint and
@@ -110,6 +110,16 @@ class ClassifySection(TrainConfig):
                                          check=lambda v: None if v else "must name at least one network",
                                          help="classifiers trained per condition")
     gradcam_images: int = setting(6, check=at_least(0), help="Grad-CAM panels from the first test images")
+    seeds: tuple[int, ...] = setting((), check=lambda v: None if all(s >= 0 for s in v) and len(set(v)) == len(v)
+                                     else "must be distinct whole numbers >= 0",
+                                     help="initialisation/order seeds, each cell trained once per seed with its "
+                                          "own init.pt; empty: [classify] seed alone")
+    classic: bool = setting(False, help="also train the classic-augmentation arm (real images, flips, rotation, "
+                                        "crop, jitter) as a baseline for the synthetic conditions")
+    classic_synthetic: bool = setting(False, help="also train classic augmentation on real + synthetic")
+
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
 
 
 @dataclass(frozen=True)
@@ -149,17 +159,17 @@ def config_from_dict(raw: dict, source: str = "") -> RunConfig:
     run = from_table(RunSection, t["run"], "run", source)
     data = from_table(DataSection, t["data"], "data", source, seed=run.seed)
     lora = from_table(LoRARunConfig, t["lora"], "lora", source, defaults={"checkpoint": DEFAULT_CHECKPOINT},
-                      data="", out="", device=run.device, show_progress=False)
+                      data="", out="", device=run.device, show_progress=True)
     generate = from_table(GenerateSection, t["generate"], "generate", source, checkpoint="", data="", out="",
-                          lora=None, seed=run.seed, device=run.device, quiet=True, copy_real=False,
+                          lora=None, seed=run.seed, device=run.device, quiet=False, copy_real=False,
                           as_released=lora.as_released)
     fid = from_table(FidConfig, t["fid"], "fid", source,
                      defaults={"features": FeatureSpace.AUTO, "inception_weights": DEFAULT_FID_WEIGHTS,
-                               "kid": True},
-                     device=run.device, quiet=True)
+                               "kid": True, "prdc": True},
+                     device=run.device, quiet=False)
     classify = from_table(ClassifySection, t["classify"], "classify", source, defaults={"seed": run.seed},
                           arch=Arch.RESNET34, train=(), val="", out=Path("."), init=None,
-                          device=run.device, show_progress=False)
+                          device=run.device, show_progress=True)
     return RunConfig(run=run, data=data, lora=lora, generate=generate, fid=fid, classify=classify, source=source)
 
 

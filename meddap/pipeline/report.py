@@ -30,10 +30,39 @@ def _fid_section(cfg: RunConfig, fold: dict) -> list[str]:
         head = "| set | images | Fréchet distance (pixels, not FID) | KID (pixels, not KID) |"
     else:
         head = "| set | images | FID | KID |"
-    lines += [head, "|---|---|---|---|"]
+    prdc = any("precision" in row for row in fid["sets"].values())
+    lines += [head + (" precision | recall | density | coverage |" if prdc else ""),
+              "|---|---|---|---|" + ("---|---|---|---|" if prdc else "")]
     for name, row in fid["sets"].items():
         k = f"{row['kid']:.4f} ± {row['kid_std']:.4f}" if "kid" in row else "—"
-        lines.append(f"| {name} | {row['n']} | {row['frechet']:.4f} | {k} |")
+        p = "".join(f" {row[m]:.3f} |" for m in ("precision", "recall", "density", "coverage")) if prdc else ""
+        lines.append(f"| {name} | {row['n']} | {row['frechet']:.4f} | {k} |{p}")
+    if prdc:
+        lines += ["", "Precision: the share of synthetic images inside the real images' k-NN balls (fidelity); "
+                      "recall: the share of real images inside the synthetic ones' balls (diversity) "
+                      "(Kynkäänniemi et al. 2019, arXiv 1904.06991); density and coverage: the same ideas "
+                      "made robust to outliers (Naeem et al. 2020, arXiv 2002.09797), k = "
+                      f"{cfg.fid.prdc_k}. 1 is best for all four; density can exceed 1."]
+    return lines + [""]
+
+
+def _memorization_section(out: Path, fold: dict) -> list[str]:
+    mem = fold.get("memorization") or {}
+    if not mem:
+        return []
+    lines = [f"### Fold {fold['fold']}: near-copies of training images", "",
+             "Each synthetic image's nearest training image (cosine distance; "
+             f"{next(iter(mem.values()))['feature_space']} features); flagged when nearer than the 1st percentile "
+             "of the test images' distances to the training set (Carlini et al. 2023, arXiv 2301.13188).", "",
+             "| set | synthetic | flagged | share | threshold | median distance, synthetic | median, test |",
+             "|---|---|---|---|---|---|---|"]
+    for adj, r in mem.items():
+        lines.append(f"| {adj} | {r['n_synthetic']} | {r['n_flagged']} | {r['fraction_flagged']:.1%} | "
+                     f"{r['threshold']:.4f} | {r['synthetic_to_train_quantiles']['50%']:.4f} | "
+                     f"{r['test_to_train_quantiles']['50%']:.4f} |")
+    for adj, r in mem.items():
+        lines += ["", f"Closest pairs, *{adj}* (synthetic above its nearest training image): "
+                      f"![closest]({_rel(r['grid'], out)})"]
     return lines + [""]
 
 
@@ -106,6 +135,9 @@ def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
     lines += ["## FID / KID", ""]
     for fold in info["folds"]:
         lines += _fid_section(cfg, fold)
+    lines += ["## Memorisation", ""]
+    for fold in info["folds"]:
+        lines += _memorization_section(out, fold)
     lines += ["## Classifier tables", "",
               "From `meddap tables` on the result cells (`results/cells/`); files in `tables/`.", ""]
     for t in info["tables"]:

@@ -9,8 +9,10 @@
              base (OUT/fold{k}/synthetic/{adjective}/ratio_{r}/train/{class}; `meddap expand`);
 5. check     (generate.check_images > 0, fold 0) the same prompts and seeds with and
              without the adapters: OUT/synthetic/{class}, OUT/synthetic_base/{class};
-6. fid       FID/KID of each synthetic set vs the fold's real training images, or the
-             pixel substitute, NOT FID, when the FID Inception weights are absent (`meddap fid`);
+6. fid       FID/KID and precision/recall/density/coverage of each synthetic set vs the fold's
+             real training images, or the pixel substitute, NOT FID, when the FID Inception
+             weights are absent (`meddap fid`); memorisation: each synthetic image's nearest
+             training image against the test images' (`meddap memorization`);
 7. classify  per network: real-only and real+synthetic per (adjective, ratio); scored on
              the fold's test part and the unseen set (`meddap classify train`, result cells);
              the real-only network also scores the check sets (paper Fig. 1a);
@@ -27,7 +29,7 @@ ranks by one static rule, unit k to rank k mod N, where the units are
     data, split        one unit each
     lora               one fold per unit
     expand, check      the fixed image chunks of the one generation path (chunk k)
-    fid                one (fold, set) per unit
+    fid                one (fold, set) per unit; memorization one (fold, adjective) per unit
     classify           one (fold, network, condition) cell per unit
     gradcam            one fold per unit
 Each unit writes only its own files, atomically, in the layout of a
@@ -41,6 +43,7 @@ what is left and assembles the tables.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -286,7 +289,7 @@ def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> 
             sd = load_model(str(ctx.checkpoint), str(lora.path) if kind == "adapted" else None,
                             device=gen.device, dtype=gen.dtype)
             write_images(sd, gen, jobs, folder, manifest=folder / f"manifest.rank{ranks.rank}.jsonl",
-                         chunk_filter=ranks.owns, quiet=True)
+                         chunk_filter=ranks.owns, quiet=g.quiet)
             del sd
         ranks.barrier("check")
         if not ranks.is_main:
@@ -375,12 +378,45 @@ def prepare_fid(ctx: Context, fold: int, inputs_sha: str) -> None:
           _log).done()
 
 
+def stage_memorization(ctx: Context, split: Split, fold: int, adjective: str, folder: str, inputs_sha: str) -> dict:
+    """`meddap memorization` of one synthetic set against the fold's training images, the
+    fold's test images setting the threshold; OUT/fold{k}/memorization/{adjective}.json and
+    .png (the closest pairs). Feature space and weights as [fid] says."""
+    from meddap.data.expand import adjective_folder
+    from meddap.fid.memorization import MemorizationConfig, closest_grid, memorization
+    from meddap.settings import toml_label
+
+    out = ctx.out / f"fold{fold}" / "memorization"
+    name = adjective_folder(adjective)
+    fid = _fid_config(ctx)
+    cfg = MemorizationConfig(synthetic=folder, train=f"{split.path}:{fold}:train", test=f"{split.path}:{fold}:test",
+                             features=fid.features, inception_weights=fid.inception_weights,
+                             cache_dir=fid.cache_dir, device=fid.device, quiet=fid.quiet)
+    st = Stage(out / name, f"fold{fold}/memorization/{name}", {"fid": ctx.cfg.section_dict("fid"),
+                                                               "inputs": inputs_sha}, _log)
+    if st.done():
+        return st.record["result"]
+    result = memorization(cfg, label=toml_label("fid"))
+    result["closest"] = [{**p, "synthetic": os.path.relpath(p["synthetic"], ctx.out),
+                          "train": os.path.relpath(p["train"], ctx.out)} for p in result["closest"]]
+    closest_grid({**result, "closest": [{**p, "synthetic": ctx.out / p["synthetic"], "train": ctx.out / p["train"]}
+                                        for p in result["closest"]]}, out / name / "closest.png")
+    summary = {k: result[k] for k in ("feature_space", "n_synthetic", "n_train", "n_test", "threshold",
+                                      "n_flagged", "fraction_flagged", "test_to_train_quantiles",
+                                      "synthetic_to_train_quantiles")}
+    write_json_atomic(out / name / "memorization.json", result)
+    st.finish({"result": {**summary, "grid": str(out / name / "closest.png")}})
+    return st.record["result"]
+
+
 # ---------------------------------------------------------------- 7-8. classifiers and Grad-CAM
 
 def classify_units(ctx: Context, data: Data, split: Split, fold: int, synthetic: Synthetic) -> list:
-    """The fold's cells in their canonical order: (network, adjective, ratio) with their CellSpec."""
-    from meddap.classify.cells import DATASET_A, DATASET_B, SYNTHETIC, CellSpec, condition_name
-    from meddap.classify.train import TrainConfig
+    """The fold's cells in their canonical order, (fold, network, condition, seed, CellSpec):
+    per network and seed, real only, [classic], real + synthetic per (adjective, ratio),
+    [classic + synthetic]. Each seed has its own init.pt, shared by that seed's conditions."""
+    from meddap.classify.cells import DATASET_A, DATASET_B, SYNTHETIC, CellSpec
+    from meddap.classify.train import Augment, TrainConfig
 
     c, g = ctx.cfg.classify, ctx.cfg.generate
     fold_dir = ctx.out / f"fold{fold}"
@@ -388,18 +424,24 @@ def classify_units(ctx: Context, data: Data, split: Split, fold: int, synthetic:
     tests = ((DATASET_A, f"{part}:test"),) + (((DATASET_B, data.unseen),) if data.unseen else ())
     fig1a = tuple((SYNTHETIC + adj, synthetic.folders[adj][max(g.ratios)])
                   for adj in g.adjectives)       # real-only networks on each synthetic set
-    conditions = [(None, 0.0)] + [(a, r) for a in g.adjectives for r in g.ratios]
+    synthetic_conditions = [(a, r) for a in g.adjectives for r in g.ratios]
+    conditions = ([(None, 0.0, Augment.NONE)] + ([(None, 0.0, Augment.CLASSIC)] if c.classic else [])
+                  + [(a, r, Augment.NONE) for a, r in synthetic_conditions]
+                  + ([(a, r, Augment.CLASSIC) for a, r in synthetic_conditions] if c.classic_synthetic else []))
+    seeds = c.run_seeds()
     units = []
     for arch in c.networks:
-        for adjective, ratio in conditions:
-            name = condition_name(adjective, ratio)
-            train = (f"{part}:train",) + (() if adjective is None else (synthetic.folders[adjective][ratio],))
-            train_cfg = stage_config(TrainConfig, c, arch=arch, train=train, val=f"{part}:val",
-                                     out=fold_dir / "classify" / arch.value / name,
-                                     init=fold_dir / "classify" / arch.value / "init.pt",
-                                     weights_dir=resolve_path("weights"))
-            units.append((fold, arch, name, CellSpec(train=train_cfg, fold=fold, adjective=adjective, ratio=ratio,
-                                                     tests=tests + (fig1a if adjective is None else ()))))
+        for seed in seeds:
+            net_dir = fold_dir / "classify" / arch.value / (f"seed{seed}" if len(seeds) > 1 else "")
+            for adjective, ratio, augment in conditions:
+                train = (f"{part}:train",) + (() if adjective is None else (synthetic.folders[adjective][ratio],))
+                train_cfg = stage_config(TrainConfig, c, arch=arch, train=train, val=f"{part}:val", seed=seed,
+                                         augment=augment, out=net_dir, init=net_dir / "init.pt",
+                                         weights_dir=resolve_path("weights"))
+                spec = CellSpec(train=train_cfg, fold=fold, adjective=adjective, ratio=ratio,
+                                tests=tests + (fig1a if adjective is None and augment is Augment.NONE else ()))
+                spec = replace(spec, train=replace(train_cfg, out=net_dir / spec.condition))
+                units.append((fold, arch, spec.condition, seed, spec))
     return units
 
 
@@ -416,9 +458,9 @@ def run_classify_unit(ctx: Context, unit) -> None:
     with [classify]; skipped when complete."""
     from meddap.classify.cells import cell_path, run_cell
 
-    fold, arch, name, spec = unit
-    _log(f"fold {fold}: classifier {arch.value} on {name}")
-    run_cell(spec, cell_path(ctx.out / f"fold{fold}" / "classify", arch, name, fold))
+    fold, arch, name, seed, spec = unit
+    _log(f"fold {fold}: classifier {arch.value} on {name} (seed {seed})")
+    run_cell(spec, cell_path(ctx.out / f"fold{fold}" / "classify", arch, name, fold, seed))
 
 
 def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic: Synthetic,
@@ -432,17 +474,23 @@ def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic
     if st.done():
         return st.record["result"]
     fold_dir = ctx.out / f"fold{fold}"
-    result: dict = {"cells": {}, "check": {}}
-    for _, arch, name, _ in classify_units(ctx, data, split, fold, synthetic):
-        cell = read_cell(cell_path(fold_dir / "classify", arch, name, fold))
+    result: dict = {"cells": {}, "models": {}, "check": {}}
+    units = classify_units(ctx, data, split, fold, synthetic)
+    first_seed = ctx.cfg.classify.run_seeds()[0]
+    for _, arch, name, seed, spec in units:
+        cell = read_cell(cell_path(fold_dir / "classify", arch, name, fold, seed))
         if cell is None:
             return None
-        result["cells"][f"{arch.value}/{name}"] = {t: cell["evaluations"][t]["accuracy"] for t in cell["evaluations"]}
+        if seed == first_seed:
+            result["cells"][f"{arch.value}/{name}"] = {t: cell["evaluations"][t]["accuracy"]
+                                                       for t in cell["evaluations"]}
+            result["models"][f"{arch.value}/{name}"] = str(spec.train.out)
     if check:
+        real_only = {arch: spec.train.out for _, arch, name, seed, spec in units
+                     if seed == first_seed and name == condition_name(None, 0.0)}
         for arch in ctx.cfg.classify.networks:
-            real_only = fold_dir / "classify" / arch.value / condition_name(None, 0.0)
             for kind, folder in check.folders.items():
-                r = evaluate(real_only, folder, device=ctx.cfg.classify.device)
+                r = evaluate(real_only[arch], folder, device=ctx.cfg.classify.device)
                 result["check"][f"{arch.value}/{kind}"] = {"accuracy": r["accuracy"], "confusion": r["confusion"],
                                                            "classes": r["model_classes"]}
     write_json_atomic(fold_dir / "classify" / "summary.json", result)
@@ -453,7 +501,7 @@ def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic
 def stage_gradcam(ctx: Context, split: Split, fold: int, classified: dict) -> list[str]:
     """Grad-CAM panels (real-only vs the best real+synthetic network) on a few test images,
     taken round-robin over the classes."""
-    from meddap.classify.cells import condition_name
+    from meddap.classify.cells import CLASSIC, condition_name
     from meddap.classify.gradcam import write_gradcam_panels
 
     n = ctx.cfg.classify.gradcam_images
@@ -470,11 +518,12 @@ def stage_gradcam(ctx: Context, split: Split, fold: int, classified: dict) -> li
     mini = {**manifest, "root": str(root), "folds": [{"train": [], "val": [], "test": picked}]}
     write_json_atomic(folder / "images.json", mini)
     net = ctx.cfg.classify.networks[0].value
+    baselines = {f"{net}/{condition_name(None, 0.0)}", f"{net}/{CLASSIC}"}
     cells = {k: v["dataset_a"] for k, v in classified["cells"].items() if k.startswith(f"{net}/")}
-    best = max((k for k in cells if not k.endswith("/" + condition_name(None, 0.0))), key=cells.get, default=None)
-    models = [str(fold_dir / "classify" / net / condition_name(None, 0.0))]
+    best = max((k for k in cells if k not in baselines), key=cells.get, default=None)
+    models = [classified["models"][f"{net}/{condition_name(None, 0.0)}"]]
     if best is not None:
-        models.append(str(fold_dir / "classify" / best))
+        models.append(classified["models"][best])
     write_gradcam_panels(models, f"{folder / 'images.json'}:0:test", folder, device=ctx.cfg.classify.device)
     st.finish()
     return sorted(str(p) for p in folder.glob("*.png"))
@@ -490,13 +539,13 @@ class _Progress:
         _log(f"stage {name}: {units} unit(s) on {ranks.world} rank(s), {self.total} here")
 
     def tick(self) -> None:
-        from meddap.progress import _fmt_seconds
+        from meddap.progress import format_seconds
 
         self.done += 1
         elapsed = time.monotonic() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
-        _log(f"stage {self.name}: {self.done}/{self.total} here, {_fmt_seconds(elapsed)} elapsed, "
-             f"ETA {_fmt_seconds(eta)}")
+        _log(f"stage {self.name}: {self.done}/{self.total} here, {format_seconds(elapsed)} elapsed, "
+             f"ETA {format_seconds(eta)}")
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, ranks: Ranks | None = None) -> Path | None:
@@ -592,6 +641,17 @@ def _stages(ctx: Context, t0: float) -> Path | None:
         if ranks.is_main:
             fids = {k: finish_fid(ctx, k, fid_sets[k], fid_inputs[k]) for k in folds}
 
+    mem_units = [(k, adj) for k in folds for adj in g.adjectives]
+    bar = _Progress("memorization", len(mem_units), ranks)
+    with ranks.step("memorization"):
+        for k, adj in ranks.mine(mem_units):
+            stage_memorization(ctx, split, k, adj, synthetic[k].folders[adj][top], fid_inputs[k])
+            bar.tick()
+    memorized = {}
+    if ranks.is_main:                   # every unit is done (its stage.json): read the results
+        memorized = {k: {adj: stage_memorization(ctx, split, k, adj, synthetic[k].folders[adj][top], fid_inputs[k])
+                         for adj in g.adjectives} for k in folds}
+
     with ranks.step("classify-prepare"):
         if ranks.is_main:
             for k in folds:
@@ -610,12 +670,12 @@ def _stages(ctx: Context, t0: float) -> Path | None:
     report = None
     with ranks.step("report"):              # rank 0 draws Grad-CAM, the tables and the report
         if ranks.is_main:
-            report = _report(ctx, t0, data, split, loras, check, fids, classified)
+            report = _report(ctx, t0, data, split, loras, check, fids, classified, memorized)
     return report
 
 
 def _report(ctx: Context, t0: float, data: Data, split: Split, loras: list, check: Check | None,
-            fids: dict, classified: dict) -> Path:
+            fids: dict, classified: dict, memorized: dict) -> Path:
     from meddap.classify.tables import write_tables
     from meddap.pipeline.report import write_report
 
@@ -629,7 +689,7 @@ def _report(ctx: Context, t0: float, data: Data, split: Split, loras: list, chec
         "data": asdict(data), "split": split.path, "base_sha256": ctx.base_sha256, "tables": tables,
         "seconds": round(time.monotonic() - t0, 1),
         "folds": [{"fold": k, "lora": str(loras[k].path), "lora_sha256": loras[k].sha256, "fid": fids[k],
-                   "classify": classified[k], "gradcam": gradcams[k],
+                   "classify": classified[k], "gradcam": gradcams[k], "memorization": memorized[k],
                    "check": check.folders if (check and k == 0) else None} for k in folds]})
 
 
