@@ -34,6 +34,11 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_sha256(obj) -> str:
+    """SHA-256 of `obj` as sorted JSON: the hash of a set of settings (stage inputs, folder markers)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # The temporary name of an atomic write: ".{up to 40 characters of the name}.{8 hex}.tmp".
 # Cutting the name keeps the temporary within NAME_MAX (255 bytes) whatever the
 # final name's length: 40 characters are at most 160 bytes of UTF-8.
@@ -250,32 +255,52 @@ def dataset_sha256(items) -> str:
     return sha256_bytes("".join(lines).encode("utf-8"))
 
 
-def read_torch_state_dict(path: str | os.PathLike, *, what: str = "weight file",
-                          expected: str = "") -> dict:
-    """The state dict (name -> tensor) of a `torch.save` file, read on the CPU.
+class UnreadableTorchFile(MeddapError):
+    """`load_torch` could not read a file; `.reason` says why in meddap's words."""
 
-    `torch.load(weights_only=True)`: only tensors and plain containers are
-    unpickled, never code. A file that is broken, truncated, not a torch file,
-    or holds pickled Python objects is refused with one sentence naming `what`,
-    the path and `expected` (what the file should have been), e.g.
-    what="weight file", expected="torchvision's resnet34-b627a593.pth".
-    """
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} cannot be read ({reason}).")
+        self.path, self.reason = path, reason
+
+
+def load_torch(path: str | os.PathLike):
+    """`torch.load(path, weights_only=True)` on the CPU: only tensors and plain containers
+    are unpickled, never code. Any failure is an UnreadableTorchFile whose reason is ours:
+    torch's own message for a pickled object is a paragraph about loading untrusted code,
+    which meddap never does, so it is not passed on."""
     import pickle
 
     import torch
     path = Path(path)
+    if path.is_dir():
+        raise UnreadableTorchFile(path, "it is a directory, not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableTorchFile(path, "broken, truncated, or holding pickled Python objects, which "
+                                        "meddap does not load") from None
+    except Exception as e:  # torch raises zip, EOF, runtime and OS errors for broken files
+        detail = str(e).split(". ")[0].splitlines()[0].rstrip(".") if str(e).strip() else ""
+        raise UnreadableTorchFile(path, f"{type(e).__name__}{': ' + detail if detail else ''}") from None
+
+
+def read_torch_state_dict(path: str | os.PathLike, *, what: str = "weight file",
+                          expected: str = "") -> dict:
+    """The state dict (name -> tensor) of a `torch.save` file, read by `load_torch`.
+
+    A file that is broken, truncated, not a torch file, or holds pickled Python
+    objects is refused with one sentence naming `what`, the path and `expected`
+    (what the file should have been), e.g. what="weight file",
+    expected="torchvision's resnet34-b627a593.pth".
+    """
+    import torch
+    path = Path(path)
     wanted = f"; expected {expected}" if expected else ""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message here is a paragraph about loading untrusted code; we never do that
+        state = load_torch(path)
+    except UnreadableTorchFile as e:
         raise MeddapError(f"{what} {path} cannot be read: it is not a readable torch checkpoint of "
-                          f"tensors (broken, truncated, or holding pickled Python objects, which "
-                          f"meddap does not load){wanted}.") from None
-    except Exception as e:  # torch raises zip, EOF, runtime and OS errors for broken files
-        reason = str(e).split(". ")[0].splitlines()[0].rstrip(".") if str(e).strip() else ""
-        raise MeddapError(f"{what} {path} cannot be read: it is not a readable torch checkpoint "
-                          f"({type(e).__name__}{': ' + reason if reason else ''}){wanted}.") from e
+                          f"tensors ({e.reason}){wanted}.") from None
     if not isinstance(state, dict):
         raise MeddapError(f"{what} {path} holds an object of type {type(state).__name__}, not a "
                           f"state dict of tensors{wanted}.")

@@ -36,7 +36,6 @@ processes of one job on one host or give each its own folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -304,12 +303,6 @@ def _set_aside(path: Path) -> Path | None:
 
 
 # ---- both: a command's output folder ------------------------------------------------
-def settings_sha256(values: dict) -> str:
-    """SHA-256 of a command's settings as sorted JSON (`settings.as_dict`): the marker's
-    record of what made a folder (the same formula as meddap.pipeline.stages.json_sha256)."""
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def torchrun_job_id() -> str | None:
     """The job id that the processes of one launch share: torchrun's TORCHELASTIC_RUN_ID
     (the same in every rank), None for a process started on its own."""

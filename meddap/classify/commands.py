@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from meddap.device import DEVICE_HELP
-from meddap.outdir import FORCE_HELP, check_output_file, owned_output, settings_sha256, torchrun_job_id
+from meddap.io import json_sha256
+from meddap.outdir import FORCE_HELP, check_output_file, owned_output, torchrun_job_id
 
 
 def register(subparsers) -> None:
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     from meddap.classify.train import TrainConfig, train_classifier
     from meddap.settings import as_dict, from_args
     cfg = from_args(TrainConfig, args, show_progress=not args.quiet)
-    with owned_output(cfg.out, "classify train", settings_sha256(as_dict(cfg)), args.force,
+    with owned_output(cfg.out, "classify train", json_sha256(as_dict(cfg)), args.force,
                       torchrun_job_id()):
         s = train_classifier(cfg)
     print(f"best validation accuracy {s['best_val_accuracy']:.4f} at epoch {s['best_epoch']}; "

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from meddap.errors import MeddapError
-from meddap.io import read_torch_state_dict, save_torch_atomic, sha256_file
+from meddap.io import UnreadableTorchFile, load_torch, read_torch_state_dict, save_torch_atomic, sha256_file
 
 # Old DenseNet checkpoints (including torchvision's own densenet121-a639ec97.pth)
 # name a dense layer's modules `norm.1`, `conv.2`, ...; today's modules are
@@ -244,22 +244,12 @@ def save_initial_state(init: InitialState, path: str | Path) -> None:
 def load_initial_state(path: str | Path) -> InitialState:
     """The InitialState that `save_initial_state` wrote, read with torch.load(weights_only=True)
     (tensors and plain values only, never pickled code), or a MeddapError naming the file."""
-    import pickle
-
     path = Path(path)
     redo = "delete it to make a new one, or give another --init file"
-    if path.is_dir():
-        raise MeddapError(f"initial-weights file {path} is a directory, not a file; {redo}.")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message here is a paragraph about loading untrusted code; meddap never does
-        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt: it is broken, "
-                          f"truncated, or holds pickled Python objects, which meddap does not "
-                          f"load; {redo}.") from None
-    except Exception as e:   # torch raises zip, EOF and runtime errors for broken files
-        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt (unreadable: "
-                          f"{type(e).__name__}); {redo}.") from None
+        blob = load_torch(path)
+    except UnreadableTorchFile as e:
+        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt ({e.reason}); {redo}.") from None
     try:
         return InitialState(parse_arch(blob["arch"]), tuple(blob["classes"]), int(blob["seed"]),
                             bool(blob["imagenet_init"]), blob["weights_file"],

@@ -21,7 +21,8 @@ from meddap.data.hashing import NEAR_DUPLICATE_HAMMING, cross_duplicates, hash_f
 from meddap.data.phantom import Site, parse_counts, write_phantom
 from meddap.data.splits import SplitConfig, write_split
 from meddap.errors import MeddapError
-from meddap.outdir import FORCE_HELP, check_output_file, owned_output, settings_sha256, torchrun_job_id
+from meddap.io import json_sha256
+from meddap.outdir import FORCE_HELP, check_output_file, owned_output, torchrun_job_id
 
 
 def _dataset_info(args) -> int:
@@ -129,7 +130,7 @@ def _phantom(args) -> int:
     site = Site(args.site)
     counts = parse_counts(args.counts) if args.counts else None
     chosen = {"seed": args.seed, "site": site.value, "size": args.size, "counts": counts}
-    with owned_output(args.out, "phantom", settings_sha256(chosen), args.force):
+    with owned_output(args.out, "phantom", json_sha256(chosen), args.force):
         record = write_phantom(args.out, args.seed, site, args.size, counts,
                                show_progress=not args.quiet)
     total = sum(record["counts"].values())
@@ -144,7 +145,7 @@ def _expand(args) -> int:
     from meddap.sampling.generation import MANIFEST_NAME
 
     cfg = settings.from_args(ExpandConfig, args)
-    with owned_output(cfg.out, "expand", settings_sha256(settings.as_dict(cfg)), args.force,
+    with owned_output(cfg.out, "expand", json_sha256(settings.as_dict(cfg)), args.force,
                       torchrun_job_id()):
         with Ranks.from_environment() as ranks:         # torchrun: joins the group for the run
             summary = expand(cfg, ranks)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from meddap.data.prompts import ADJECTIVES, NO_ADJECTIVE, prompt_for, unknown_adjectives
 from meddap.errors import MeddapError
+from meddap.io import output_folder
 from meddap.sampling.generation import MANIFEST_NAME, GenerationConfig
 from meddap.settings import above, as_dict, at_least, nonempty_each, setting, validate
 
@@ -222,7 +223,7 @@ def expand(cfg: ExpandConfig, ranks=None) -> dict:
     from meddap.data.datasets import resolve_images
     from meddap.io import append_jsonl, sha256_file, write_json_atomic, write_text_atomic
     from meddap.sampling.generation import (ImageJob, check_model_files, load_model, manifest_rows,
-                                            output_folder, write_images)
+                                            write_images)
 
     validate(cfg)
     unknown = unknown_adjectives(list(cfg.adjectives))

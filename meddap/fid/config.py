@@ -56,7 +56,21 @@ def check_fid_dims(dims) -> str | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FidConfig:
+class FeaturePass:
+    """How image features are computed and cached: shared by `meddap fid` and `meddap memorization`."""
+    inception_weights: str | None = setting(
+        None, help="weights file (empty: weights/pt_inception-2015-12-05-6726825d.pth; "
+                   "as-released: weights/inception_v3_google-0cc3c7bd.pth)")
+    batch_size: int = setting(50, help="images per network call", check=at_least(1))
+    device: str | None = setting(None, help=DEVICE_HELP, check=check_device_name)
+    cache_dir: str | None = setting(
+        None, help="feature cache (empty: $XDG_CACHE_HOME/meddap/fid or ~/.cache/meddap/fid)")
+    no_cache: bool = setting(False, help="neither read nor write the feature cache")
+    quiet: bool = setting(False, help="no progress bars")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FidConfig(FeaturePass):
     """One FID (or as-released) scoring run: every set against one reference set."""
     formula: Formula = setting(
         Formula.STANDARD,
@@ -77,19 +91,10 @@ class FidConfig:
                                      "(Naeem et al. 2020, k-nearest-neighbour balls, meddap.fid.prdc)")
     prdc_k: int = setting(PRDC_K, help="PRDC: the k of the k-th nearest neighbour", check=at_least(1))
     per_class: bool = setting(False, help="also score each class present in both sets")
-    inception_weights: str | None = setting(
-        None, help="weights file (empty: weights/pt_inception-2015-12-05-6726825d.pth; "
-                   "as-released: weights/inception_v3_google-0cc3c7bd.pth)")
     as_released_skimage: SkimageResize = setting(
         SkimageResize.FLOAT_0_1,
         help="as-released: scikit-image behaviour of the nearest resize "
              "(0.18: float output, /255 twice; 0.19: uint8 kept, /255 once)")
-    batch_size: int = setting(50, help="images per network call", check=at_least(1))
-    device: str | None = setting(None, help=DEVICE_HELP, check=check_device_name)
-    cache_dir: str | None = setting(
-        None, help="feature cache (empty: $XDG_CACHE_HOME/meddap/fid or ~/.cache/meddap/fid)")
-    no_cache: bool = setting(False, help="neither read nor write the feature cache")
-    quiet: bool = setting(False, help="no progress bars")
 
     def cross_checks(self, label: Label = cli_label) -> None:
         if self.formula is not Formula.AS_RELEASED:

@@ -60,10 +60,9 @@ from pathlib import Path
 
 import numpy as np
 
-from meddap.device import DEVICE_HELP, check_device_name
 from meddap.errors import MeddapError
-from meddap.fid.config import FeatureSpace
-from meddap.settings import Label, add_arguments, at_least, cli_label, from_args, in_range, setting, validate
+from meddap.fid.config import FeaturePass, FeatureSpace
+from meddap.settings import Label, add_arguments, cli_label, from_args, in_range, setting, validate
 
 QUANTILES = (0, 1, 5, 25, 50)   # percent: the distance distributions the result reports
 CLOSEST = 16                    # pairs in "closest" and in the grid
@@ -71,7 +70,7 @@ MEMORIZATION_DIMS = 2048        # the FID Inception's pool features
 
 
 @dataclass(frozen=True, kw_only=True)
-class MemorizationConfig:
+class MemorizationConfig(FeaturePass):
     """One memorisation check: synthetic images against their training set."""
     synthetic: str = setting(help="the generated images: a folder (of class folders) or SPLIT.json:FOLD:PART")
     train: str = setting(help="the images the generator was trained on (same forms)")
@@ -85,14 +84,6 @@ class MemorizationConfig:
              "exists, else pixels")
     percentile: float = setting(1.0, help="flag distances below this percentile of the test-to-train ones",
                                 check=in_range(0.0, 100.0))
-    inception_weights: str | None = setting(
-        None, help="weights file (empty: weights/pt_inception-2015-12-05-6726825d.pth)")
-    batch_size: int = setting(50, help="images per network call", check=at_least(1))
-    device: str | None = setting(None, help=DEVICE_HELP, check=check_device_name)
-    cache_dir: str | None = setting(
-        None, help="feature cache (empty: $XDG_CACHE_HOME/meddap/fid or ~/.cache/meddap/fid)")
-    no_cache: bool = setting(False, help="neither read nor write the feature cache")
-    quiet: bool = setting(False, help="no progress bars")
 
 
 # ---------------------------------------------------------------- distances
@@ -224,7 +215,10 @@ def memorization(cfg: MemorizationConfig, *, label: Label = cli_label) -> dict:
 # ---------------------------------------------------------------- the command
 
 def register(subparsers) -> None:
-    """Add `meddap memorization` to the `meddap` parser."""
+    """Add `meddap memorization` to the `meddap` parser.
+
+    (`duplicates` pairs this with `meddap sample`'s register: every command registers in this
+    shape, add_parser + flags derived from its config + handler; only the texts differ.)"""
     p = subparsers.add_parser(
         "memorization", help="flag synthetic images that are (near) copies of training images",
         description="For every synthetic image its nearest training image (cosine distance on FID "

@@ -14,7 +14,8 @@ import json
 
 from meddap.lora.adapter import AdapterConfig
 from meddap.lora.train import LoRARunConfig, train_lora   # imports torch, not torchvision: --help stays quick
-from meddap.outdir import FORCE_HELP, check_output_file, owned_output, settings_sha256, torchrun_job_id
+from meddap.io import json_sha256
+from meddap.outdir import FORCE_HELP, check_output_file, owned_output, torchrun_job_id
 from meddap.settings import add_arguments, as_dict, from_args
 
 
@@ -74,7 +75,7 @@ def _convert(args) -> int:
 
 def _train(args) -> int:
     cfg = from_args(LoRARunConfig, args, show_progress=not args.quiet)
-    with owned_output(cfg.out, "train-lora", settings_sha256(as_dict(cfg)), args.force, torchrun_job_id()):
+    with owned_output(cfg.out, "train-lora", json_sha256(as_dict(cfg)), args.force, torchrun_job_id()):
         path = train_lora(cfg)
     print(f"wrote {path}")
     return 0

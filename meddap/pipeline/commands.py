@@ -7,7 +7,8 @@
 Both hold the run's OUT with `meddap.outdir.owned_output` as command "run" (a
 demo folder is a run folder); the stages inside work under it.
 """
-from meddap.outdir import FORCE_HELP, owned_output, settings_sha256
+from meddap.io import json_sha256
+from meddap.outdir import FORCE_HELP, owned_output
 
 
 def register(subparsers) -> None:
@@ -44,7 +45,7 @@ def _owned_run(cfg, out, force: bool, ranks=None):
     ranks = ranks or Ranks.from_environment(cfg.run.barrier_timeout_s)
     out = out or cfg.run.out
     settings = {name: cfg.section_dict(name) for name in SECTIONS}
-    with owned_output(out, "run", settings_sha256(settings), force, ranks.job_id), ranks:
+    with owned_output(out, "run", json_sha256(settings), force, ranks.job_id), ranks:
         return run(cfg, out, ranks)
 
 

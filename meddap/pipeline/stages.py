@@ -25,16 +25,12 @@ import shutil
 import time
 from pathlib import Path
 
-from meddap.io import sha256_file, write_json_atomic
+from meddap.io import json_sha256, sha256_file, write_json_atomic
 from meddap.progress import format_seconds
 
 MARKER, STARTED = "stage.json", "inputs.json"
 _SKIP_SUFFIXES = (".pt", ".tmp")    # checkpoints and temporaries are not outputs
 PROCESS_T0 = time.monotonic()       # the default start of the run: when this module was imported
-
-
-def json_sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def tree_sha256(folder: Path) -> str:

@@ -9,7 +9,8 @@ an image made with other settings stops the run with an error.
 """
 from __future__ import annotations
 
-from meddap.outdir import FORCE_HELP, owned_output, settings_sha256, torchrun_job_id
+from meddap.io import json_sha256, output_folder
+from meddap.outdir import FORCE_HELP, owned_output, torchrun_job_id
 from meddap.sampling.generation import MANIFEST_NAME, SampleConfig
 from meddap.settings import add_arguments, as_dict, from_args, validate
 
@@ -32,13 +33,13 @@ def register(subparsers) -> None:
 
 def run_sample(args) -> int:
     cfg = from_args(SampleConfig, args)
-    with owned_output(cfg.out, "sample", settings_sha256(as_dict(cfg)), args.force, torchrun_job_id()):
+    with owned_output(cfg.out, "sample", json_sha256(as_dict(cfg)), args.force, torchrun_job_id()):
         return sample(cfg)
 
 
 def sample(cfg: SampleConfig) -> int:
     """Run `meddap sample`; returns the exit code."""
-    from meddap.sampling.generation import (ImageJob, check_model_files, load_model, output_folder,
+    from meddap.sampling.generation import (ImageJob, check_model_files, load_model, 
                                             write_images)
     from meddap.sampling.text_to_image import image_seed
 

@@ -24,13 +24,13 @@ OUT/manifest.rank{r}.jsonl; the last line of a file wins.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from meddap.device import DEVICE_HELP, check_device_name, check_dtype_name, pin_cudnn
 from meddap.errors import MeddapError
+from meddap.io import output_folder
 from meddap.sampling.samplers import Sampler
 from meddap.sampling.schedule import SD_NUM_TRAIN_TIMESTEPS
 from meddap.settings import all_of, at_least, finite, in_range, multiple_of, setting
@@ -124,19 +124,6 @@ class ImageJob:
     prompt: str
     seed: int
     meta: dict = field(default_factory=dict)
-
-
-def output_folder(out: str | Path) -> Path:
-    """`out`, created; an error naming it when it cannot be created or written."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MeddapError(f"cannot create output folder {out}: {e.strerror}; "
-                          f"choose a folder you can write to.") from e
-    if not os.access(out, os.W_OK):
-        raise MeddapError(f"output folder {out} is not writable; choose a folder you can write to.")
-    return out
 
 
 def manifest_rows(out: Path, manifest: Path | None = None) -> dict[str, dict]:
