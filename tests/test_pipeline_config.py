@@ -134,3 +134,33 @@ def test_run_checks_its_files_and_sizes_before_any_work(tmp_path, raw, words):
     for w in words:
         assert w in str(e.value), (w, str(e.value))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_check_stage_holds_one_model_at_a_time(tmp_path, monkeypatch):
+    """stage_check loads the adapted base, writes its images, and lets it go before loading the
+    unadapted base: on a GPU two SD models at once would not fit where one does."""
+    import gc
+    import weakref
+
+    import meddap.sampling.generation as generation
+    from meddap.pipeline import run as pipeline_run
+
+    alive, loaded = [], []
+
+    class FakeModel:
+        pass
+
+    def load_model(checkpoint, lora=None, device=None, dtype="fp32"):
+        gc.collect()
+        loaded.append(sum(r() is not None for r in alive))          # models still alive at this load
+        model = FakeModel()
+        alive.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(generation, "load_model", load_model)
+    monkeypatch.setattr(generation, "write_images", lambda sd, gen, jobs, folder, **kw: None)
+    cfg = config_from_dict({"lora": {"checkpoint": TINY}, "generate": {"check_images": 1}})
+    ctx = pipeline_run.Context(cfg=cfg, out=tmp_path, checkpoint=tmp_path / "sd.safetensors", base_sha256="0")
+    lora = pipeline_run.Adapter(path=tmp_path / "lora.safetensors", sha256="1")
+    assert pipeline_run.stage_check(ctx, ["benign"], lora, work=True) is None     # nothing written: not finished
+    assert loaded == [0, 0]
