@@ -220,23 +220,26 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def decode_peak_bytes(cfg: VAEConfig, height: int, width: int, dtype: torch.dtype) -> int:
+def decode_peak_bytes(cfg: VAEConfig, height: int, width: int, dtype: torch.dtype,
+                      device_type: str = "cpu") -> int:
     """Bytes of the largest set of live activations while decoding ONE height x width image (no autograd).
 
     Counted along `Decoder.forward`: the largest set lives in the first
     full-resolution ResnetBlock, `up.0.block.0`, whose input x has
     c = ch * max(ch_mult[0], ch_mult[1]) channels at P = height * width
     pixels (c = 256 for SD v1). At its first norm and SiLU:
-      float32:    x, GN(x), SiLU(GN(x))                       3 c P values x 4 bytes
-      fp16, bf16: x, then GroupNorm32's float32 copy x.float()
-                  and float32 result beside it                c P x (2 + 4 + 4) bytes
+      float32, or fp16/bf16 on CUDA (GroupNorm32 calls the native kernel there):
+                  x, GN(x), SiLU(GN(x))                       3 c P values x itemsize
+      fp16, bf16 elsewhere: x, then GroupNorm32's float32 copy x.float()
+                  and float32 result beside it                c P x (itemsize + 4 + 4) bytes
     The other layers hold less: the upsampler before it 2.25 c P values
     (input, resized, convolved), the convolutions (2 c + ch * ch_mult[0]) P.
-    SD v1 at 512 x 512: 805 MB in float32, 671 MB in float16 per image.
+    SD v1 at 512 x 512 per image: 805 MB in float32; 403 MB in float16 on CUDA, 671 MB on the CPU.
     Weights, convolution workspaces and allocator rounding are not included.
     """
     c = cfg.ch * max(cfg.ch_mult[:2])
-    bytes_per_value = 3 * 4 if dtype == torch.float32 else dtype.itemsize + 4 + 4
+    native = dtype == torch.float32 or device_type == "cuda"
+    bytes_per_value = 3 * dtype.itemsize if native else dtype.itemsize + 4 + 4
     return c * height * width * bytes_per_value
 
 
@@ -298,7 +301,7 @@ class AutoencoderKL(nn.Module):
         factor = 2 ** (len(self.config.ch_mult) - 1)   # 8 for SD v1
         driver_free, _ = torch.cuda.mem_get_info(z.device)
         cached_free = torch.cuda.memory_reserved(z.device) - torch.cuda.memory_allocated(z.device)
-        per_image = decode_peak_bytes(self.config, factor * h, factor * w, z.dtype)
+        per_image = decode_peak_bytes(self.config, factor * h, factor * w, z.dtype, "cuda")
         fits = int(DECODE_MEMORY_FRACTION * (driver_free + cached_free)) // per_image
         return max(1, min(B, fits))
 
