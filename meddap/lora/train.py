@@ -22,9 +22,14 @@ uninterrupted one does. On CUDA that holds only with cudnn.benchmark off
 (`train_lora` pins it) and torch.use_deterministic_algorithms(True), and is not
 guaranteed even then: SDPA and cuDNN backward kernels use atomics (see
 meddap.device).
+
+`--fast` (with --cache-latents) runs the same step on static device buffers,
+from the same draws in the same order (meddap.lora.fast); on the CPU its run
+is bit for bit the eager one, log.csv included.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_dev
 from meddap.errors import MeddapError
 from meddap.io import dataset_sha256, save_torch_atomic, truncate_log
 from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
+from meddap.lora.fast import LOG_EVERY, FastStep, LossRing, SelfCheckedStep, make_optimizer
 from meddap.lora.files import save_lora
 from meddap.models.vae import sample_posterior
 from meddap.progress import Progress, progress
@@ -103,7 +109,17 @@ class LoRARunConfig(AdapterConfig):
     validation_steps: int = setting(30, help="sampler steps for validation images", check=at_least(1))
     as_released: bool = setting(False, help="use the released training captions "
                                             "('an ultrasound photo of X tumor in breast')")
+    fast: bool = setting(False, help="the fast step (meddap.lora.fast): cached latents on the device, "
+                                     "draws staged to static inputs, losses logged in batches, fused "
+                                     "AdamW and a CUDA graph on a GPU; self-checked against the eager "
+                                     "step (needs --cache-latents)")
     show_progress: bool = setting(True, help="draw progress bars", cli=False)   # the CLI has --quiet
+
+    def cross_checks(self, label: Label) -> None:
+        if self.fast and not self.cache_latents:
+            raise MeddapError(f"{label('fast')} needs {label('cache_latents')}: the fast step gathers "
+                              f"cached latents on the device; add {label('cache_latents')} or leave "
+                              f"{label('fast')} off.")
 
 
 # Fields that fix the arithmetic of a run; a resume must agree on all of them.
@@ -221,7 +237,7 @@ class TrainImages:
         return vae.scale * sample_posterior(m[:, 0], m[:, 1], generator=rng)
 
 
-def _resume_key(cfg: LoRARunConfig, base_sha256: str | None, images: TrainImages) -> dict:
+def resume_key(cfg: LoRARunConfig, base_sha256: str | None, images: TrainImages) -> dict:
     key = {k: v for k, v in as_dict(cfg).items() if k in _RESUME_FIELDS}
     key["base_sha256"] = base_sha256
     key["images"] = images.fingerprint()
@@ -245,19 +261,65 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def lora_loss(sd, schedule, images: TrainImages, contexts: torch.Tensor, batch: torch.Tensor,
-              rng: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """MEDDAP Eq. 1 on the images `batch` (B,): the 0-d float32 loss on `device`.
+def resume(out: Path, key: dict, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler, rng: torch.Generator, device: torch.device) -> tuple[int, torch.Tensor]:
+    """Load `out/train_state.pt` into the adapters, optimizer, scaler and generators if it
+    exists, and cut log.csv back to its step. Returns (step, this epoch's data order)."""
+    step, order = 0, torch.empty(0, dtype=torch.long)
+    if (out / STATE_FILE).exists():
+        state = _read_state(out / STATE_FILE)
+        if state["key"] != key:
+            changed = sorted(k for k in key if state["key"].get(k) != key[k])
+            raise MeddapError(f"{out / STATE_FILE} belongs to a run with other settings "
+                              f"(differs in: {', '.join(changed)}); use a new --out folder or "
+                              f"the same settings to resume.")
+        with torch.no_grad():
+            for p, saved in zip(params, state["lora"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_states(rng, state["rng"], device)
+        step, order = state["step"], state["order"]
+    # A killed run may have logged past its last checkpoint; those steps are run again.
+    truncate_log(out / LOG_FILE, LOG_HEADER, keep=lambda row: int(row[0]) <= step)
+    return step, order
+
+
+def write_state(out: Path, key: dict, step: int, order: torch.Tensor, params: list[torch.Tensor],
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rng: torch.Generator,
+                device: torch.device) -> None:
+    """Write the resumable state `out/train_state.pt` (atomically): what `resume` reads."""
+    state = {"key": key, "step": step, "order": order,
+             "lora": [p.detach().cpu().clone() for p in params],
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng": _rng_states(rng, device)}
+    save_torch_atomic(state, out / STATE_FILE)
+
+
+def lora_inputs(vae, schedule, images: TrainImages, contexts: torch.Tensor, batch: torch.Tensor,
+                rng: torch.Generator, device: torch.device):
+    """The UNet's inputs of MEDDAP Eq. 1 for the images `batch` (B,): (z_t, t, ε, τ(c)).
 
     Draws from `rng`, in this order: each image's crop and flip, the posterior
     noise η, t ~ U{0..999}, then ε; all on the CPU. contexts: (n_classes, 77, C)
-    on `device`; the UNet runs in `dtype`, the loss in float32.
+    on `device`. z_t, ε: (B, 4, h, w) float32 on `device`; t: (B,) on the CPU;
+    τ(c): (B, 77, C).
     """
-    z0 = images.latents(batch, sd.vae, rng)                         # (B, 4, h, w) float32, scaled
+    z0 = images.latents(batch, vae, rng)                            # (B, 4, h, w) float32, scaled
     t = torch.randint(0, schedule.num_timesteps, (len(batch),), generator=rng)  # t ~ U{0..999}
     noise = torch.randn(z0.shape, generator=rng).to(device)          # ε ~ N(0, I), drawn on the CPU
     z_t = schedule.q_sample(z0, t, noise)                            # (B, 4, h, w)
     context = contexts[images.labels[batch].to(contexts.device)]     # (B, 77, C)
+    return z_t, t, noise, context
+
+
+def lora_loss(sd, schedule, images: TrainImages, contexts: torch.Tensor, batch: torch.Tensor,
+              rng: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """MEDDAP Eq. 1 on the images `batch` (B,): the 0-d float32 loss on `device`.
+
+    The inputs and their draws are `lora_inputs`'; the UNet runs in `dtype`, the loss in float32.
+    """
+    z_t, t, noise, context = lora_inputs(sd.vae, schedule, images, contexts, batch, rng, device)
     eps = sd.unet(z_t.to(dtype), t.to(device), context)             # (B, 4, h, w)
     return F.mse_loss(eps.float(), noise)                           # MEDDAP Eq. 1
 
@@ -275,6 +337,24 @@ def apply_gradients(loss: torch.Tensor, params: list[torch.Tensor], optimizer: t
     scaler.update()
 
 
+def training_device(cfg: LoRARunConfig, label: Label) -> tuple[torch.device, torch.dtype]:
+    """Check `cfg`, pin cuDNN, and resolve the device and the base model's dtype."""
+    validate(cfg, label)   # a config built in Python has not been checked yet
+    device = resolve_device(cfg.device, label("device"))
+    pin_cudnn()                            # the same convolution algorithms in every run
+    if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
+        raise MeddapError(f"{label('mixed_precision')} {cfg.mixed_precision.value} needs a CUDA device; "
+                          f"on {device} training runs in float32 ({label('mixed_precision')} no).")
+    return device, resolve_dtype(cfg.mixed_precision.dtype_name, device, label("mixed_precision"))
+
+
+def planned_steps(cfg: LoRARunConfig, n_images: int) -> tuple[int, int]:
+    """(steps per epoch, steps in all) of a run over `n_images` images."""
+    steps_per_epoch = -(-n_images // cfg.batch_size)             # ceil: the last batch may be short
+    total = cfg.epochs * steps_per_epoch
+    return steps_per_epoch, total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
 def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     """Train adapters as configured; resume from `out/train_state.pt` if present.
     Returns the path of the final adapter file `out/lora.safetensors`.
@@ -285,13 +365,7 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     from meddap.models.stable_diffusion import load_stable_diffusion
     from meddap.sampling.schedule import NoiseSchedule
 
-    validate(cfg, label)   # a config built in Python has not been checked yet
-    device = resolve_device(cfg.device, label("device"))
-    pin_cudnn()                            # the same convolution algorithms in every run
-    if cfg.mixed_precision is not MixedPrecision.NO and device.type != "cuda":
-        raise MeddapError(f"{label('mixed_precision')} {cfg.mixed_precision.value} needs a CUDA device; "
-                          f"on {device} training runs in float32 ({label('mixed_precision')} no).")
-    dtype = resolve_dtype(cfg.mixed_precision.dtype_name, device, label("mixed_precision"))
+    device, dtype = training_device(cfg, label)
     image_set = resolve_training_images(cfg.data)   # cheap listing checks before the big load
     out = Path(cfg.out)
 
@@ -316,63 +390,63 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     if cfg.cache_latents:
         images.cache_latents(sd.vae, show_progress=cfg.show_progress)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=ADAM_WEIGHT_DECAY)
+    # AdamW: torch's default implementation, fused on CUDA with --fast.
+    optimizer = make_optimizer(params, cfg.lr, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=cfg.fast)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision is MixedPrecision.FP16)
-    steps_per_epoch = -(-len(images) // cfg.batch_size)          # ceil: the last batch may be short
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    key = _resume_key(cfg, sd.source_sha256, images)
+    steps_per_epoch, total = planned_steps(cfg, len(images))
+    key = resume_key(cfg, sd.source_sha256, images)
 
-    step, order = 0, torch.empty(0, dtype=torch.long)
-    if (out / STATE_FILE).exists():
-        state = _read_state(out / STATE_FILE)
-        if state["key"] != key:
-            changed = sorted(k for k in key if state["key"].get(k) != key[k])
-            raise MeddapError(f"{out / STATE_FILE} belongs to a run with other settings "
-                              f"(differs in: {', '.join(changed)}); use a new --out folder or "
-                              f"the same settings to resume.")
-        with torch.no_grad():
-            for p, saved in zip(params, state["lora"]):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_states(rng, state["rng"], device)
-        step, order = state["step"], state["order"]
-    # A killed run may have logged past its last checkpoint; those steps are run again.
-    truncate_log(out / LOG_FILE, LOG_HEADER, keep=lambda row: int(row[0]) <= step)
+    step, order = resume(out, key, params, optimizer, scaler, rng, device)
 
     def save_state() -> None:
-        state = {"key": key, "step": step, "order": order,
-                 "lora": [p.detach().cpu().clone() for p in params],
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": _rng_states(rng, device)}
-        save_torch_atomic(state, out / STATE_FILE)
+        write_state(out, key, step, order, params, optimizer, scaler, rng, device)
+
+    def eager_step(batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype)
+        apply_gradients(loss, params, optimizer, scaler)
+        return loss
+
+    fast_step = None
+    if cfg.fast:   # the same step on static buffers, checked against eager_step (meddap.lora.fast)
+        update = functools.partial(apply_gradients, params=params, optimizer=optimizer, scaler=scaler)
+        static = FastStep(sd, schedule, images, contexts, update, cfg.batch_size, device, dtype,
+                          capture=not scaler.is_enabled() and not cfg.gradient_checkpointing)
+        fast_step = SelfCheckedStep(static, eager_step, params, optimizer, scaler)
 
     # 5. Loop: MEDDAP Eq. 1 on one batch per step.
     bar = Progress(total=total, initial=step, desc="train-lora", enabled=cfg.show_progress)
     with open(out / LOG_FILE, "a", encoding="utf-8") as log:
+        ring = LossRing(log, cfg.lr, LOG_EVERY, device) if fast_step is not None else None
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0:
                 order = torch.randperm(len(images), generator=rng)  # a fresh data order each epoch
             batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-            loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype)
-            apply_gradients(loss, params, optimizer, scaler)
+            # A short last batch takes the eager step: a CUDA graph has one shape.
+            use_fast = fast_step is not None and len(batch) == cfg.batch_size
+            loss = (fast_step if use_fast else eager_step)(batch, rng)
             step += 1
-            value = loss.item()                                     # the step's one wait for the device
-            log.write(f"{step},{epoch},{value:.6g},{cfg.lr:g}\n")
-            log.flush()
-            bar.update(1, postfix=f"loss {value:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == total:
+            checkpoint = step % cfg.checkpoint_every == 0 or step == total
+            if ring is None:
+                value = loss.item()                                 # the step's one wait for the device
+                log.write(f"{step},{epoch},{value:.6g},{cfg.lr:g}\n")
+                log.flush()
+            else:   # the rows reach log.csv before the state that follows them
+                value = ring.flush() if ring.add(step, epoch, loss) or checkpoint else None
+            bar.update(1, postfix=None if value is None else f"loss {value:.4f}")
+            if checkpoint:
                 save_state()
             if cfg.validate_every and step % cfg.validate_every == 0:
                 _validate(sd, cfg, images, step, out / VALIDATION_DIR, device)
     bar.close()
 
     # 6. Save the adapters (atomically) with their provenance.
-    path = out / ADAPTER_FILE
+    return save_adapters(sd, cfg, device, step)
+
+
+def save_adapters(sd, cfg: LoRARunConfig, device: torch.device, step: int) -> Path:
+    """Write `out/lora.safetensors` (atomically) with its provenance; return its path."""
+    path = Path(cfg.out) / ADAPTER_FILE
     args = {**as_dict(cfg), "device": str(device)}   # the device it ran on (cfg.device None: auto)
     save_lora(sd.unet, path, {"targets": args["targets"], "base_sha256": sd.source_sha256,
                               "base_config": sd.config.name, "training_args": args, "step": step})
