@@ -41,7 +41,7 @@ def test_cli_flag_comes_from_the_config(capsys):
 
 
 def test_classic_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):  # noqa: F811
-    cfg = lambda out: _cfg(data, out, epochs=2, augment=Augment.CLASSIC)  # noqa: E731
+    cfg = lambda out: _cfg(data, out, epochs=2, augment=Augment.CLASSIC, checkpoint_every=1)  # noqa: E731
     straight = train_classifier(cfg(tmp_path / "straight"))
     plain = train_classifier(_cfg(data, tmp_path / "plain", epochs=2))
     real_save = train_mod.save_torch_atomic

@@ -4,6 +4,7 @@ killed run resumes to the bit-identical result; bad input is refused."""
 import dataclasses
 import json
 import re
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from meddap.classify.evaluate import evaluate
 from meddap.classify.networks import (ARCHITECTURES, Arch, build_network,
                                       load_imagenet_body, make_initial_state, read_imagenet_state,
                                       state_sha256)
-from meddap.classify.train import Augment, TrainConfig, train_classifier
+from meddap.classify.train import Augment, Precision, TrainConfig, train_classifier
 from meddap.cli import main
 from meddap.data.datasets import resolve_images
 from meddap.errors import MeddapError
@@ -112,7 +113,7 @@ def test_conditions_start_from_identical_weights(data, tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
-    straight = train_classifier(_cfg(data, tmp_path / "straight", epochs=2))
+    straight = train_classifier(_cfg(data, tmp_path / "straight", epochs=2, checkpoint_every=1))
     # a kill while writing the checkpoint of epoch 2
     real_save = train_mod.save_torch_atomic
     calls = {"n": 0}
@@ -126,10 +127,10 @@ def test_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_torch_atomic", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train_classifier(_cfg(data, tmp_path / "resumed", epochs=2))
+        train_classifier(_cfg(data, tmp_path / "resumed", epochs=2, checkpoint_every=1))
     monkeypatch.setattr(train_mod, "save_torch_atomic", real_save)
     assert torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)["epoch"] == 1
-    resumed = train_classifier(_cfg(data, tmp_path / "resumed", epochs=2))
+    resumed = train_classifier(_cfg(data, tmp_path / "resumed", epochs=2, checkpoint_every=1))
     s1 = torch.load(tmp_path / "straight" / "state.pt", weights_only=True)
     s2 = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
     for key in s1["model"]:
@@ -190,16 +191,16 @@ def test_train_help_shows_the_config_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     # the authors' defaults (evaluate_new.py), and auto device (meddap.device's rule)
     expected = {"epochs": 100, "batch_size": 32, "lr": 0.001, "seed": 0, "size": 224,
-                "augment": Augment.NONE, "device": None, "init": None, "weights_dir": Path("weights")}
+                "augment": Augment.NONE, "precision": Precision.FP16, "checkpoint_every": 3, "device": None, "init": None, "weights_dir": Path("weights")}
     shown = {f.name: f.default for f in dataclasses.fields(TrainConfig)
              if f.metadata["cli"] and f.default is not dataclasses.MISSING}
     assert shown == expected
     for name, default in expected.items():
         if default is None:                # explained by the help text (auto device, OUT/init.pt)
             continue
-        default = default.value if isinstance(default, Augment) else default
+        default = default.value if isinstance(default, Enum) else default
         flag = "--" + name.replace("_", "-")
-        help_of_flag = r" (?:[A-Z_]+|\{[a-z,]+\}) (?:(?! --).)*?"  # metavar or choices, up to the next flag
+        help_of_flag = r" (?:[A-Z_]+|\{[a-z0-9,]+\}) (?:(?! --).)*?"  # metavar or choices, up to the next flag
         assert re.search(re.escape(flag) + help_of_flag + re.escape(f"(default: {default})"), text), flag
     for flag in ("--arch ARCH", "--train TRAIN", "--val VAL", "--out OUT", "--quiet"):
         assert flag in text

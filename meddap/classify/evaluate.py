@@ -26,7 +26,7 @@ import torch
 
 from meddap.classify.metrics import METRIC_NAMES, bootstrap_ci, calibration, compute_metrics
 from meddap.classify.networks import build_network, parse_arch
-from meddap.classify.train import predict, to_tensor_set
+from meddap.classify.train import Compute, predict, to_tensor_set
 from meddap.data.datasets import resolve_images
 from meddap.device import resolve_device
 from meddap.errors import MeddapError
@@ -81,7 +81,7 @@ def evaluate(model: str | Path, data: str, device: str | None = None, batch_size
     if not image_set.items:
         raise MeddapError(f"data {data} holds no images.")
     tensors = to_tensor_set([image_set], model_classes, int(meta["size"]))
-    logits = predict(net, tensors.images, batch_size, device)                  # (N, k)
+    logits = predict(net, tensors.images, batch_size, Compute.on(device))      # (N, k)
     y_pred = logits.argmax(1).cpu().numpy()
     probs = torch.softmax(logits.float(), dim=1).cpu().numpy()                 # (N, k)
     y_true = tensors.labels.numpy()

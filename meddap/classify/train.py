@@ -11,35 +11,50 @@ conditions, see networks.py), 3. optimiser and resume, 4. epochs, 5. result.
 
 Output folder:
     init.pt    the initial weights (unless --init names a shared file)
-    state.pt   the resumable checkpoint, rewritten atomically after every epoch:
-               model, optimiser, grad scaler, torch RNG states, epoch, best, log
+    state.pt   the resumable checkpoint, rewritten atomically every --checkpoint-every
+               epochs, after the last one, and when a SIGTERM or SIGINT stops the run:
+               model, optimiser, grad scaler, torch RNG states, epoch, best, log, and
+               for a stop inside an epoch the batch reached (`partial`)
     best.pt    the weights of best validation accuracy (+ arch, classes, size)
-    log.csv    one row per epoch
+    log.csv    one row per epoch, metrics only (the seconds per epoch are in
+               train.json), so a resumed run writes the same bytes
     train.json the summary, written last; its presence means "finished"
 
 A run killed at any point and started again with the same command continues
-from the last finished epoch; on the CPU (with the same number of threads)
-the result is bitwise the one of an uninterrupted run (the shuffle of epoch e
-comes from its own generator seeded by stream_seed(seed, e), dropout from the
-saved torch RNG state; classic augmentation draws from that same epoch
-generator, after the shuffle). On CUDA that holds only with cudnn.benchmark off
-(`train_classifier` pins it) and torch.use_deterministic_algorithms(True), and
-is not guaranteed even then: cuDNN backward uses atomics and
-adaptive_avg_pool2d's backward (in all three networks) has no deterministic
-CUDA kernel (see meddap.device). Re-running with a larger --epochs extends a
+from its last state.pt, redoing the epochs after it; on the CPU (with the same
+number of threads) the result, best.pt and log.csv included, is bitwise the
+one of an uninterrupted run (the shuffle of epoch e comes from its own
+generator seeded by stream_seed(seed, e), dropout from the saved torch RNG
+state; classic augmentation draws from that same epoch generator, after the
+shuffle, and a stop inside an epoch saves that generator's state). SIGTERM and
+SIGINT (Ctrl-C) lose nothing: the run finishes its batch, saves its state and
+stops with `TrainingStopped`; a second signal stops at once, unsaved.
+
+Arithmetic: on the CPU float32 in torch's default layout. On CUDA (`Compute`)
+the images stay on the GPU as uint8, the network and its inputs are
+channels_last, the forward runs under autocast (--precision fp16, with a
+gradient scaler, or bf16) and Adam is the fused kernel. There the bitwise
+claim holds only with cudnn.benchmark off (`train_classifier` pins it) and
+torch.use_deterministic_algorithms(True), and is not guaranteed even then:
+cuDNN backward uses atomics and adaptive_avg_pool2d's backward (in all three
+networks) has no deterministic CUDA kernel (see meddap.device). Re-running with a larger --epochs extends a
 finished run.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import signal
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -51,7 +66,7 @@ from torchvision.transforms.v2 import functional as TF
 from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state,
                                       parse_arch)
 from meddap.data.datasets import ImageSet, load_rgb, resolve_images, resolve_training_images
-from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_device
+from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_device, resolve_dtype
 from meddap.errors import MeddapError
 from meddap.io import (dataset_sha256, save_torch_atomic, stream_seed, write_json_atomic,
                        write_text_atomic)
@@ -68,6 +83,22 @@ class Augment(Enum):
     """Training-image augmentation: none (as released) or classic (`augment_batch`)."""
     NONE = "none"
     CLASSIC = "classic"
+
+
+class Precision(Enum):
+    """The arithmetic of the forward pass on CUDA; the CPU always computes in float32."""
+    FP16 = "fp16"                 # autocast to float16, with a gradient scaler
+    BF16 = "bf16"                 # autocast to bfloat16 (float32's range: no scaler)
+    FP32 = "fp32"                 # no autocast
+
+
+# Measured on the 2-core development CPU, resnet34 at 64 px, batch 32 (224 px was too slow to
+# time there): one state.pt save (256 MB: weights and Adam's two moments) took 1.7-2.3 s, one
+# epoch of a BUSI fold (545 training images = 17 steps, 115 validation images) 84 s. Saving
+# every 3 epochs keeps the saves under 1% of the time; at 224 px an epoch is about 12 times
+# longer (pixels), on a GPU far shorter (raise it there). A kill redoes at most 2 epochs;
+# SIGTERM and SIGINT save at once, whatever this is.
+CHECKPOINT_EVERY = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +120,11 @@ class TrainConfig:
     augment: Augment = setting(Augment.NONE, help="training augmentation: none (as released) or "
                                "classic (flip, rotation ±10°, resized crop 0.8-1, brightness/"
                                "contrast ±0.2)")
+    precision: Precision = setting(Precision.FP16, help="forward pass on CUDA: fp16 autocast with a "
+                                   "gradient scaler, bf16 autocast, or fp32; the CPU computes in float32")
+    checkpoint_every: int = setting(CHECKPOINT_EVERY, check=at_least(1),
+                                    help="write the resumable state.pt every N epochs (and after the "
+                                    "last, and on SIGTERM/SIGINT); a kill redoes at most N - 1 epochs")
     device: str | None = setting(None, check=check_device_name, help=DEVICE_HELP)
     init: Path | None = setting(None, help="shared initial weights file, made if absent; "
                                 "not given: OUT/init.pt")
@@ -100,13 +136,14 @@ class TrainConfig:
         """What must not change when a run is resumed (epochs may grow)."""
         return {"arch": self.arch.value, "train": list(self.train), "val": self.val,
                 "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "size": self.size,
-                "augment": self.augment.value}
+                "augment": self.augment.value, "precision": self.precision.value}
 
 
 def saved_settings(saved: dict) -> dict:
     """Settings read from a state.pt or train.json; runs made before --augment
-    existed saved no `augment` and ran without augmentation."""
-    return {"augment": Augment.NONE.value, **saved}
+    existed saved no `augment` and ran without augmentation, runs made before
+    --precision existed ran fp16 autocast on CUDA."""
+    return {"augment": Augment.NONE.value, "precision": Precision.FP16.value, **saved}
 
 
 # ---------------------------------------------------------------- 1. data
@@ -152,11 +189,52 @@ def to_tensor_set(sets: list[ImageSet], classes: list[str], size: int) -> Tensor
                      list(classes), [str(it.path) for it in items])
 
 
-def normalise(images_u8: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 -> float32 (x/255 - mean) / std, ImageNet statistics."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images_u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images_u8.device).view(1, 3, 1, 1)
+def imagenet_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet (mean, std), each (1, 3, 1, 1) float32 on `device`; build them once per run."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalise(images_u8: torch.Tensor,
+              statistics: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float32 (x/255 - mean) / std, ImageNet statistics
+    (`imagenet_statistics`, built here when not given)."""
+    mean, std = statistics if statistics is not None else imagenet_statistics(images_u8.device)
     return (images_u8.float() / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How a classifier computes on `device`, fixed once per run.
+
+    CPU: float32, torch's default layout (bitwise the arithmetic of earlier runs).
+    CUDA: channels_last network and inputs (cuDNN's NHWC kernels) and autocast to
+    `autocast` (None: float32).
+    """
+    device: torch.device
+    autocast: torch.dtype | None
+    memory_format: torch.memory_format
+    statistics: tuple[torch.Tensor, torch.Tensor]      # ImageNet (mean, std), (1, 3, 1, 1) each
+
+    @classmethod
+    def on(cls, device: torch.device, precision: Precision = Precision.FP16) -> "Compute":
+        on_cuda = device.type == "cuda"
+        autocast = None
+        if on_cuda and precision is not Precision.FP32:
+            autocast = resolve_dtype(precision.value, device, "--precision")
+        return cls(device, autocast,
+                   torch.channels_last if on_cuda else torch.contiguous_format,
+                   imagenet_statistics(device))
+
+    def inputs(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 on the device -> normalised float32 in this memory format."""
+        return normalise(images_u8, self.statistics).contiguous(memory_format=self.memory_format)
+
+    def forward_context(self):
+        """The autocast region of a forward pass (disabled on the CPU and for fp32)."""
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast or torch.float32,
+                              enabled=self.autocast is not None)
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[TensorSet, TensorSet, str]:
@@ -222,26 +300,76 @@ def augment_batch(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor
 # ---------------------------------------------------------------- helpers
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, compute: Compute
             ) -> torch.Tensor:
-    """Class logits (N, k) float32 of uint8 images (N, 3, S, S), model in eval mode."""
+    """Class logits (N, k) float32 on the device of uint8 images (N, 3, S, S) (on the
+    device already, or copied batch by batch), model in eval mode."""
     out = []
     for i in range(0, images.shape[0], batch_size):
-        x = normalise(images[i:i + batch_size].to(device))
-        with torch.autocast(device_type=device.type, dtype=torch.float16,
-                            enabled=device.type == "cuda"):
-            out.append(model(x).float())
+        x = compute.inputs(images[i:i + batch_size].to(compute.device))     # (B, 3, S, S)
+        with compute.forward_context():
+            out.append(model(x).float())                                    # (B, k)
     return torch.cat(out) if out else torch.zeros(0)
 
 
+LOG_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+               "best_val_accuracy")
+
+
 def _write_log(path: Path, rows: list[dict]) -> None:
+    """log.csv: LOG_COLUMNS of `rows`; the rows' wall-clock "seconds" stay out of it."""
     if not rows:
         return
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, text.getvalue())
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A SIGTERM or SIGINT stopped training after its state was saved; the message
+    says where. A KeyboardInterrupt, so the CLI reports it as one (exit 130)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[str]]:
+    """For the block, SIGTERM and SIGINT append their name to the list yielded, so the
+    loop can stop at a point of its choosing; a second signal raises KeyboardInterrupt
+    at once. The previous handlers come back after the block. Outside the main thread
+    Python cannot install handlers; there the list stays empty and signals act as usual."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stopped(bar: Progress, where: str) -> TrainingStopped:
+    """Close the bar, say where the run stopped, and return the exception to raise."""
+    bar.close()
+    message = f"{where}; re-run the same command to resume."
+    print(f"classify: {message}")
+    return TrainingStopped(message)
+
+
+def _cpu_state_dict(model: nn.Module) -> dict:
+    """The model's tensors on the CPU in the default layout (a CUDA run is channels_last)."""
+    return {k: v.cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 # ---------------------------------------------------------------- training
@@ -251,7 +379,6 @@ def train_classifier(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     pin_cudnn()                            # the same convolution algorithms in every run
-    on_cuda = device.type == "cuda"
     summary_path, state_path = out / "train.json", out / "state.pt"
     if summary_path.exists():
         done = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -259,8 +386,9 @@ def train_classifier(cfg: TrainConfig) -> dict:
         if (done.get("complete") and done["config"]["epochs"] == cfg.epochs
                 and {k: saved.get(k) for k in cfg.settings()} == cfg.settings()):
             return done
+    compute = Compute.on(device, cfg.precision)
 
-    # 1. data (raises before anything is written when the input is wrong)
+    # 1. data (raises before anything is written when the input is wrong), kept on the device as uint8
     train, val, train_sha = load_training_data(cfg)
 
     # 2. initial weights, identical for every condition sharing the init file
@@ -269,13 +397,15 @@ def train_classifier(cfg: TrainConfig) -> dict:
     print(f"classify: {cfg.arch.value}, classes {train.classes}, {init.describe()}")
     model = build_network(cfg.arch, len(train.classes))
     model.load_state_dict(init.state_dict, strict=True)
-    model.to(device)
+    model.to(device, memory_format=compute.memory_format)
 
-    # 3. optimiser (Adam, as released), mixed precision on CUDA only, resume
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=on_cuda)
+    # 3. optimiser (Adam, as released; the fused kernel on CUDA), the gradient scaler of fp16
+    #    autocast, resume
+    fused = True if device.type == "cuda" else None                # None: torch's CPU default
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute.autocast is torch.float16)
     torch.manual_seed(cfg.seed)
-    start, best_acc, best_epoch, rows = 0, -1.0, -1, []
+    start, best_acc, best_epoch, rows, partial = 0, -1.0, -1, [], None
     if state_path.exists():
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -289,81 +419,106 @@ def train_classifier(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        if on_cuda and state.get("rng_cuda") is not None:
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start, best_acc, best_epoch, rows = (state["epoch"], state["best_acc"],
                                              state["best_epoch"], state["log"])
+        partial = state.get("partial")          # None: saved at the end of epoch `start`
         if start > cfg.epochs:
             raise MeddapError(f"{out} holds a run of {start} epochs; --epochs {cfg.epochs} asks "
                               f"fewer. Use --epochs {start} or more, or another --out folder.")
         if start < cfg.epochs:
-            print(f"classify: resuming {out} after epoch {start}")
+            where = f"batch {partial['batch']} of epoch {start + 1}" if partial else f"epoch {start}"
+            print(f"classify: resuming {out} after {where}")
 
-    # 4. epochs
+    def save_state(epochs_done: int, partial: dict | None = None) -> None:
+        save_torch_atomic({"settings": cfg.settings(), "epoch": epochs_done, "best_acc": best_acc,
+                           "best_epoch": best_epoch, "log": rows, "partial": partial,
+                           "model": _cpu_state_dict(model),
+                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                           "rng_cpu": torch.get_rng_state(),
+                           "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                          state_path)
+
+    # 4. epochs; SIGTERM/SIGINT stop after the current batch with the state saved
     loss_fn = nn.CrossEntropyLoss()
     train_images, train_labels = train.images.to(device), train.labels.to(device)
+    val_images, val_labels = val.images.to(device), val.labels.to(device)
     n_batches = train.images.shape[0] // cfg.batch_size            # drop_last
-    bar = Progress(total=cfg.epochs * n_batches, initial=start * n_batches,   # one unit per batch
+    bar = Progress(total=cfg.epochs * n_batches,                  # one unit per batch
+                   initial=start * n_batches + (partial["batch"] if partial else 0),
                    desc=f"{cfg.arch.value}", enabled=cfg.show_progress)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.monotonic()
-        model.train()
-        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
-        perm = torch.randperm(train.images.shape[0], generator=gen).to(device)  # (N,)
-        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for b in range(n_batches):
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]             # (B,)
-            x_u8, y = train_images[idx], train_labels[idx]                      # (B, 3, S, S), (B,)
-            if cfg.augment is Augment.CLASSIC:
-                x_u8 = augment_batch(x_u8, gen)
-            x = normalise(x_u8)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=on_cuda):
-                logits = model(x)                                               # (B, k)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-            correct += (logits.argmax(1) == y).sum()
-            bar.update(1)
-        model.eval()
-        val_logits = predict(model, val.images, cfg.batch_size, device)
-        val_loss = float(loss_fn(val_logits, val.labels.to(device)))
-        val_acc = float((val_logits.argmax(1).cpu() == val.labels).double().mean())
-        if val_acc > best_acc:                                      # first best kept on ties
-            best_acc, best_epoch = val_acc, epoch + 1
-            save_torch_atomic({"arch": cfg.arch.value, "classes": train.classes, "size": cfg.size,
-                              "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                              "epoch": best_epoch, "val_accuracy": best_acc,
-                              "imagenet_init": init.imagenet_init,
-                              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
-                             out / "best.pt")
-        rows.append({"epoch": epoch + 1,
-                     "train_loss": float(loss_sum) / max(n_batches, 1),
-                     "train_accuracy": float(correct) / (n_batches * cfg.batch_size),
-                     "val_loss": val_loss, "val_accuracy": val_acc,
-                     "best_val_accuracy": best_acc, "seconds": round(time.monotonic() - t0, 3)})
-        save_torch_atomic({"settings": cfg.settings(), "epoch": epoch + 1, "best_acc": best_acc,
-                          "best_epoch": best_epoch, "log": rows,
-                          "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                          "rng_cpu": torch.get_rng_state(),
-                          "rng_cuda": torch.cuda.get_rng_state(device) if on_cuda else None},
-                         state_path)
-        _write_log(out / "log.csv", rows)
-        bar.update(0, postfix=f"epoch {epoch + 1}/{cfg.epochs} loss {rows[-1]['train_loss']:.3f} "
-                              f"val acc {val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
+    with stop_requests() as stop:
+        for epoch in range(start, cfg.epochs):
+            t0 = time.monotonic()
+            model.train()
+            gen = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
+            perm = torch.randperm(train.images.shape[0], generator=gen).to(device)  # (N,)
+            first, seconds = 0, 0.0
+            loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+            if partial is not None:             # a stop inside this epoch: continue after its batch
+                first, seconds = partial["batch"], partial["seconds"]
+                gen.set_state(partial["generator"])
+                loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
+                partial = None
+            for b in range(first, n_batches):
+                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]             # (B,)
+                x_u8, y = train_images[idx], train_labels[idx]                      # (B, 3, S, S), (B,)
+                if cfg.augment is Augment.CLASSIC:
+                    x_u8 = augment_batch(x_u8, gen)
+                x = compute.inputs(x_u8)                                            # (B, 3, S, S)
+                with compute.forward_context():
+                    logits = model(x)                                               # (B, k)
+                    loss = loss_fn(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach()
+                correct += (logits.argmax(1) == y).sum()
+                bar.update(1)
+                if stop and b + 1 < n_batches:
+                    save_state(epoch, {"batch": b + 1, "generator": gen.get_state(),
+                                       "loss_sum": loss_sum.cpu(), "correct": correct.cpu(),
+                                       "seconds": seconds + time.monotonic() - t0})
+                    raise _stopped(bar, f"{stop[0]}: stopped after batch {b + 1} of epoch "
+                                        f"{epoch + 1}; the state is in {state_path}")
+            model.eval()
+            val_logits = predict(model, val_images, cfg.batch_size, compute)            # (N_val, k)
+            val_loss = float(loss_fn(val_logits, val_labels))
+            val_acc = float((val_logits.argmax(1) == val_labels).double().mean())
+            if val_acc > best_acc:                                      # first best kept on ties
+                best_acc, best_epoch = val_acc, epoch + 1
+                save_torch_atomic({"arch": cfg.arch.value, "classes": train.classes, "size": cfg.size,
+                                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                                   "epoch": best_epoch, "val_accuracy": best_acc,
+                                   "imagenet_init": init.imagenet_init,
+                                   "state_dict": _cpu_state_dict(model)},
+                                  out / "best.pt")
+            rows.append({"epoch": epoch + 1,
+                         "train_loss": float(loss_sum) / max(n_batches, 1),
+                         "train_accuracy": float(correct) / (n_batches * cfg.batch_size),
+                         "val_loss": val_loss, "val_accuracy": val_acc, "best_val_accuracy": best_acc,
+                         "seconds": round(seconds + time.monotonic() - t0, 3)})
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stop:
+                save_state(epoch + 1)
+            _write_log(out / "log.csv", rows)
+            bar.update(0, postfix=f"epoch {epoch + 1}/{cfg.epochs} loss {rows[-1]['train_loss']:.3f} "
+                                  f"val acc {val_acc:.3f} (best {best_acc:.3f} @ {best_epoch})")
+            if stop and epoch + 1 < cfg.epochs:
+                raise _stopped(bar, f"{stop[0]}: stopped after epoch {epoch + 1}; the state is in "
+                                    f"{state_path}")
     bar.close()
 
     # 5. result
     summary = {"complete": True, "config": {**cfg.settings(), "epochs": cfg.epochs,
-                                            "device": str(device), "mixed_precision": on_cuda},
+                                            "device": str(device),
+                                            "mixed_precision": compute.autocast is not None},
                "classes": train.classes, "best_epoch": best_epoch,
                "best_val_accuracy": best_acc, "epochs_run": len(rows),
+               "epoch_seconds": [r["seconds"] for r in rows],
                "n_train": int(train.images.shape[0]), "n_val": int(val.images.shape[0]),
                "train_manifest_sha256": train_sha, "init": init.provenance(),
                "imagenet_init": init.imagenet_init, "init_description": init.describe()}
     write_json_atomic(summary_path, summary)
     return summary
-
