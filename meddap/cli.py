@@ -17,6 +17,7 @@ import shlex
 import sys
 import warnings
 
+from meddap import bench
 from meddap.classify import commands as classify
 from meddap.data import commands as data
 from meddap.errors import MeddapError
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show Python's traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for area in (pipeline, models, sampling, lora, data, fid, memorization, classify):
+    for area in (pipeline, models, sampling, lora, data, fid, memorization, classify, bench):
         area.register(sub)
     return parser
 
