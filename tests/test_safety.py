@@ -14,9 +14,10 @@ import torch
 
 from meddap import __version__
 from meddap.errors import MeddapError
+from meddap.io import json_sha256
 from meddap.models.checkpoint import read_state_dict, write_safetensors
 from meddap.outdir import (FORCE_HELP, LOCK, MARKER, check_output_file, claim_folder, folder_lock,
-                           owned_output, settings_sha256, torchrun_job_id)
+                           owned_output, torchrun_job_id)
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -148,7 +149,7 @@ def test_torchrun_job_id_and_settings_hash(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "8f0c")
     assert torchrun_job_id() == "8f0c"
     import hashlib
-    assert settings_sha256({"b": 1, "a": [1.5, None]}) == hashlib.sha256(
+    assert json_sha256({"b": 1, "a": [1.5, None]}) == hashlib.sha256(
         b'{"a": [1.5, null], "b": 1}').hexdigest()
     assert FORCE_HELP == "adopt a folder that another meddap command created"
 

@@ -171,6 +171,10 @@ def _map_safetensors(path: Path) -> tuple[dict, dict, dict[str, str]]:
             warnings.simplefilter("ignore")
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=start).view(shape)
         pages[name] = (mm, start, end - begin)
+    ends = [info["data_offsets"][1] for info in header.values()]
+    if max(ends, default=0) != size - 8 - n:   # safetensors' own rule: the data fills the file exactly
+        raise MeddapError(f"{path}: the header's tensors cover {max(ends, default=0)} bytes of data but the "
+                          f"file has {size - 8 - n} after its header; the file is damaged.")
     return tensors, pages, metadata
 
 
@@ -261,7 +265,12 @@ def _load_pickle(path: Path):
     could not see (and every global of legacy, non-zip files), one per attempt.
     """
     allowed = {}
-    if zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as e:                 # is_zipfile raises on some damaged end records
+        raise MeddapError(f"{path}: cannot read this torch zip archive ({e}); the file is "
+                          f"truncated or damaged.") from None
+    if is_zip:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as e:                      # a damaged archive raises several types
