@@ -151,7 +151,7 @@ def test_help_shows_the_generation_defaults_and_the_sampler_enum(command, capsys
     for f in dataclasses.fields(GenerationConfig):
         flag = "--" + f.name.replace("_", "-")
         shown = f.default.value if isinstance(f.default, Sampler) else f.default
-        segment = text[text.index(flag + " "):]
+        segment = text[re.search(re.escape(flag) + "[ ,]", text).start():]
         if shown in ("", None):                 # no "(default: )": the help text says what empty means
             assert not re.match(r"\S+ \S+ [^-]*\(default: \)", segment), flag
             continue

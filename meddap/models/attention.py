@@ -1,5 +1,5 @@
-"""Pieces the UNet and the VAE share: multi-head attention through SDPA and an
-fp32-computing GroupNorm.
+"""Pieces the UNet and the VAE share: multi-head attention through SDPA and a
+GroupNorm with float32 statistics.
 
 Both follow CompVis/stable-diffusion (commit 21f890f):
 - attention is softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, arXiv
@@ -7,7 +7,8 @@ Both follow CompVis/stable-diffusion (commit 21f890f):
   `torch.nn.functional.scaled_dot_product_attention`, which picks a fused
   kernel (flash / memory-efficient / math) for the device and dtype;
 - `GroupNorm32` is CompVis' `ldm.modules.diffusionmodules.util.GroupNorm32`:
-  the statistics are computed in float32 and the result is cast back.
+  the statistics are computed in float32 and the result is cast back (on
+  CUDA by torch's kernel itself, see the class).
 """
 from __future__ import annotations
 
@@ -34,21 +35,28 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm (Wu & He 2018, arXiv 1803.08494, Eq. 1) computed in float32.
+    """GroupNorm (Wu & He 2018, arXiv 1803.08494, Eq. 1) with float32 statistics.
 
     y = (x - mean_g) / sqrt(var_g + eps) * weight + bias, with mean and
-    variance over each group of C/groups channels and all pixels. In fp16 and
-    bf16 the input, weight and bias are upcast, as CompVis' GroupNorm32 does
-    for the UNet; the output has the input's dtype. In float32 this is exactly
-    `nn.GroupNorm`.
+    variance over each group of C/groups channels and all pixels. The output
+    has the input's dtype; in float32 this is exactly `nn.GroupNorm`. In fp16
+    and bf16:
+    - on the CPU the input, weight and bias are upcast and the result is cast
+      back, as CompVis' GroupNorm32 does for the UNet;
+    - on CUDA torch's own kernel runs on the fp16/bf16 tensors: it already
+      accumulates the mean and variance and applies the affine map in float32
+      (`acc_type` in ATen's native/cuda/group_norm_kernel.cu), rounding once to
+      the input's dtype at the end, so it skips the four casts of the upcast.
+      Note: the two roads may differ by rounding (a last bit), not by formula.
 
-    Memory: in fp16 and bf16 this makes two full-size float32 temporaries,
-    x.float() and the float32 result, 4 bytes per value each beside the
-    2-byte input and output (see `meddap.models.vae.decode_peak_bytes`).
+    Memory: on the CPU in fp16 and bf16 the upcast makes two full-size float32
+    temporaries, x.float() and the float32 result, 4 bytes per value each beside
+    the 2-byte input and output (see `meddap.models.vae.decode_peak_bytes`); on
+    CUDA there are none.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 or x.device.type == "cuda":
             return super().forward(x)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)

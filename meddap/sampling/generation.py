@@ -19,11 +19,22 @@ kernels may use atomics; see meddap.device).
 - A file whose line has other settings stops the run: it belongs to another run.
 - A PNG without a line (the run was killed between the PNG's atomic rename and
   its line) is adopted when its own text chunks carry this run's settings.
+- A line written before a setting was recorded is read with the value that
+  setting had then (`VALUE_WHEN_ABSENT`): such lines never merged adapters, so
+  an adapted folder started before `lora_merged` existed resumes with --no-merge.
 Manifest lines are read from OUT/manifest.jsonl and the `torchrun` ranks'
 OUT/manifest.rank{r}.jsonl; the last line of a file wins.
+
+Writing. PNG encoding and hashing run on PNG_WRITERS threads while the next
+chunk samples; a file's line is appended once its bytes are on disk (atomic
+rename) and hashed, and lines are appended in job order, so the manifest and
+the files are the same bytes as those of a one-thread writer. A run that stops
+leaves at most one chunk's files without their lines (complete PNGs: the rename
+is atomic); the next run adopts them by the rule above.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +52,11 @@ LATENT_DOWNSAMPLING = 8
 # Guidance scales s accepted everywhere: 0 is the unconditional model, 1 no
 # guidance, the authors used 7.5; above 100 is a typo, not a setting.
 GUIDANCE_RANGE = (0, 100)
+# Threads that encode and hash PNGs beside the sampling (zlib and SHA-256 release the GIL).
+PNG_WRITERS = 2
+# Settings a manifest line carries since a later version, with the value every older
+# line implicitly had: before `lora_merged` was recorded, adapters were never merged.
+VALUE_WHEN_ABSENT = {"lora_merged": False}
 
 _side = multiple_of(LATENT_DOWNSAMPLING, "SD's VAE maps 8 x 8 pixels to one latent cell")
 
@@ -64,11 +80,18 @@ class GenerationConfig:
                               help="images per UNet call (also the chunk a resume redoes whole)")
     device: str | None = setting(None, check=check_device_name, help=DEVICE_HELP)
     dtype: str = setting("fp32", check=check_dtype_name, help="weights' dtype: fp32, fp16 or bf16")
+    merge: bool = setting(True, help="merge the LoRA into the UNet's weights before sampling "
+                                     "(W0 + ΔW, rounded to --dtype); --no-merge keeps it a separate branch")
+    compile: bool = setting(False, help="CUDA only: torch.compile the UNet with CUDA graphs for the run's "
+                                        "fixed shapes (not covered by the CPU tests)")
 
     def cross_checks(self, label) -> None:
         if self.eta != 0 and self.sampler is not Sampler.DDIM:
             raise MeddapError(f"{label('eta')} = {self.eta:g} applies to the ddim sampler only; "
                               f"{label('sampler')} = {self.sampler.value!r} takes no eta (leave it at 0).")
+        if self.compile and self.device and not self.device.startswith("cuda"):
+            raise MeddapError(f"{label('compile')} = true works on CUDA only; {label('device')} = "
+                              f"{self.device!r} (leave {label('compile')} off there).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,12 +180,22 @@ def _kept_line(out: Path, file: str, row: dict | None, want: dict) -> dict | Non
             return None                             # not a PNG of ours: make it again
     elif sha256_file(path) != row.get("sha256"):
         return None                                 # torn or edited: make it again
-    diff = [key for key in want if row.get(key) != want[key]]
+    recorded = {key: row.get(key, VALUE_WHEN_ABSENT.get(key)) for key in want}
+    diff = [key for key in want if recorded[key] != want[key]]
     if diff:
         key = diff[0]
-        raise MeddapError(f"{path} was made with other settings ({key}: {row.get(key)!r}, "
+        raise MeddapError(f"{path} was made with other settings ({key}: {recorded[key]!r}, "
                           f"this run: {want[key]!r}); use another --out folder or delete it.")
     return row
+
+
+def _write_file(out: Path, file: str, image, meta: dict) -> dict:
+    """Write OUT/file (atomically) and return its manifest line, hashed from the bytes on disk."""
+    from meddap.io import sha256_file
+    from meddap.sampling.text_to_image import write_png
+
+    write_png(out / file, image, meta)
+    return {"file": file, "sha256": sha256_file(out / file), **meta}
 
 
 def write_images(sd, cfg: GenerationConfig, jobs: Sequence[ImageJob], out: str | Path, *,
@@ -176,16 +209,21 @@ def write_images(sd, cfg: GenerationConfig, jobs: Sequence[ImageJob], out: str |
     chunk_filter(k): whether this process does chunk k (`meddap expand` under torchrun:
     k % world == rank); None: every chunk. extra_settings: further run-wide values
     written into each PNG and line and required to match on resume, like cfg's.
+    With cfg.merge (the default) the adapters of sd's UNet are merged into its weights
+    first (`meddap.lora.merge_lora`; sd stays merged), and each line records lora_merged.
     The negative prompt is encoded once per call.
     """
-    from meddap.io import append_jsonl, sha256_file
+    from meddap.io import append_jsonl
+    from meddap.lora import lora_layers, merge_lora
     from meddap.progress import Progress
-    from meddap.sampling.text_to_image import TextToImage, write_png
+    from meddap.sampling.text_to_image import TextToImage
 
     pin_cudnn()                                     # the same convolution algorithms in every run
     out = output_folder(out)
     manifest = Path(manifest) if manifest is not None else out / MANIFEST_NAME
     extra = dict(extra_settings or {})
+    if cfg.merge and lora_layers(sd.unet):
+        merge_lora(sd.unet)                         # W0 <- W0 + ΔW: the adapters cost no step time
     t2i = TextToImage(sd, cfg)
     run = {**t2i.settings, **extra}                 # what every file of this run shares
     for job in jobs:
@@ -199,26 +237,40 @@ def write_images(sd, cfg: GenerationConfig, jobs: Sequence[ImageJob], out: str |
               if chunk_filter is None or chunk_filter(k)]
     bar = Progress(total=sum(len(c) for c in chunks), desc=desc, enabled=not quiet)
     rows: dict[str, dict] = {}
-    for chunk in chunks:
-        lines = {}
-        for job in chunk:
-            want = {"prompt": job.prompt, "seed": job.seed, **run}
-            line = _kept_line(out, job.file, on_record.get(job.file), want)
-            if line is not None:
-                lines[job.file] = line
-                if job.file not in on_record:       # an adopted PNG gets its line now
-                    append_jsonl(manifest, line)
-        todo = [job for job in chunk if job.file not in lines]
-        if todo:
-            images = t2i([job.prompt for job in chunk], [job.seed for job in chunk])   # the whole chunk
-            for job, result in zip(chunk, images):
-                if job.file in lines:
-                    continue
-                meta = {**result.metadata, **extra, **job.meta}
-                write_png(out / job.file, result.image, meta)
-                lines[job.file] = {"file": job.file, "sha256": sha256_file(out / job.file), **meta}
-                append_jsonl(manifest, lines[job.file])
+    previous = None                                 # (chunk, entries) of the chunk whose files are being written
+
+    def finish(chunk: Sequence[ImageJob], entries: dict[str, tuple[dict | Future, str]]) -> None:
+        """Wait for the chunk's files, then append its lines as a one-thread writer would:
+        the adopted ones, then the new ones, each in job order."""
+        lines = {file: line.result() if isinstance(line, Future) else line
+                 for file, (line, _) in entries.items()}
+        for kind in ("adopted", "new"):
+            for job in chunk:
+                if entries[job.file][1] == kind:
+                    append_jsonl(manifest, lines[job.file])
         rows.update((job.file, lines[job.file]) for job in chunk)
-        bar.update(len(chunk), postfix=f"{len(todo)} new" if todo else "kept")
+
+    with ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png") as writers:
+        for chunk in chunks:
+            entries = {}                            # file -> (line or the Future of it, kept | adopted | new)
+            for job in chunk:
+                want = {"prompt": job.prompt, "seed": job.seed, **run}
+                line = _kept_line(out, job.file, on_record.get(job.file), want)
+                if line is not None:                # a PNG without a line on record is adopted
+                    entries[job.file] = (line, "kept" if job.file in on_record else "adopted")
+            todo = [job for job in chunk if job.file not in entries]
+            if todo:
+                images = t2i([job.prompt for job in chunk], [job.seed for job in chunk])   # the whole chunk
+                for job, result in zip(chunk, images):
+                    if job.file not in entries:
+                        meta = {**result.metadata, **extra, **job.meta}
+                        entries[job.file] = (writers.submit(_write_file, out, job.file, result.image, meta),
+                                             "new")
+            if previous is not None:
+                finish(*previous)                   # written while this chunk sampled
+            previous = (chunk, entries)
+            bar.update(len(chunk), postfix=f"{len(todo)} new" if todo else "kept")
+        if previous is not None:
+            finish(*previous)
     bar.close()
     return rows

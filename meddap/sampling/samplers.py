@@ -18,7 +18,9 @@ Timesteps and end points follow SD v1.4's released scheduler configuration
 (diffusers `scheduler_config.json`: scaled_linear betas, clip_sample false,
 set_alpha_to_one false, steps_offset 1, skip_prk_steps true), which is what
 the MEDDAP authors sampled with. Sampler noise is drawn in float32 on each
-generator's device and then moved to x's device (see `draw_noise`).
+generator's device and then moved to x's device (see `draw_noise`); DDPM and
+DDIM with η > 0 draw the noise of all their steps before the first step, in
+step order, and move it in one copy (`draw_step_noise`).
 """
 from __future__ import annotations
 
@@ -70,6 +72,19 @@ def leading_timesteps(num_steps: int, num_train_timesteps: int = 1000,
     return [i * ratio + offset for i in reversed(range(num_steps))]
 
 
+def _draw(shape: torch.Size, generator: Generators) -> torch.Tensor:
+    """float32 N(0, I) of `shape` (B, C, H, W) on the generator's device (see `draw_noise`)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if len(generator) != shape[0]:
+        raise MeddapError(f"got {len(generator)} generators for a batch of {shape[0]}; "
+                          f"pass one generator per batch row, or a single generator.")
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32)
+            for g in generator]
+    return torch.cat(rows)                                          # (B, C, H, W) on the generators' device
+
+
 def draw_noise(like: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise shaped like `like` (B, C, H, W), in like's dtype and device.
 
@@ -79,17 +94,24 @@ def draw_noise(like: torch.Tensor, generator: Generators) -> torch.Tensor:
     shape (1, C, H, W): an image's noise then does not depend on the other rows of
     the batch. The rows are stacked where they were drawn and moved in one copy.
     """
-    if generator is None or isinstance(generator, torch.Generator):
-        device = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
-    else:
-        if len(generator) != like.shape[0]:
-            raise MeddapError(f"got {len(generator)} generators for a batch of {like.shape[0]}; "
-                              f"pass one generator per batch row, or a single generator.")
-        rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=torch.float32)
-                for g in generator]
-        z = torch.cat(rows)                                         # (B, C, H, W) on the generators' device
+    z = _draw(like.shape, generator)                                # (B, C, H, W)
     return z.to(device=like.device, dtype=like.dtype)               # one copy to the device
+
+
+def draw_step_noise(like: torch.Tensor, generator: Generators, num_steps: int) -> torch.Tensor:
+    """The noise z of `num_steps` sampler steps: (num_steps, B, C, H, W), in like's dtype and device.
+
+    Entry i holds the numbers `draw_noise(like, generator)` would give at the i-th
+    call, because the draws are made in that order, one step at a time, each of
+    the shape a step draws (a tensor of another shape may be filled by another
+    code path of torch's CPU normal sampler). All of them are moved in one copy,
+    so a step uploads nothing. Memory: num_steps · B·C·H·W float32 values on each
+    side (1000 DDPM steps of 8 SD latents of 4 x 64 x 64: 0.5 GB).
+    """
+    if num_steps == 0:
+        return like.new_empty((0, *like.shape))                     # (0, B, C, H, W), nothing drawn
+    steps = [_draw(like.shape, generator) for _ in range(num_steps)]   # num_steps x (B, C, H, W)
+    return torch.stack(steps).to(device=like.device, dtype=like.dtype)   # one copy to the device
 
 
 def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +129,14 @@ def ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: lis
         σ² = β̃ = (1 − ᾱ_prev) / (1 − ᾱ_t) · β      ("fixed small" variance, Eq. 7)
         x_prev = μ + σ z,  z ~ N(0, I)
 
-    code: beta = β, post_var = σ², z from `draw_noise`. After the last step ᾱ_prev = 1
-    (x_{−1} is x_0 itself), so σ = 0 and no noise is drawn: x_0 = x̂_0 as in
-    Algorithm 2. x̂_0 is not clipped (SD's clip_sample is false: latents are unbounded).
+    code: beta = β, post_var = σ², z[i] the z of step i (`draw_step_noise`, drawn
+    before the first step). After the last step ᾱ_prev = 1 (x_{−1} is x_0 itself),
+    so σ = 0 and no noise is drawn: x_0 = x̂_0 as in Algorithm 2; the n − 1 steps
+    before it draw one z each. x̂_0 is not clipped (SD's clip_sample is false:
+    latents are unbounded).
     """
     ab = schedule.alphas_cumprod.tolist()
+    z = draw_step_noise(x, generator, len(timesteps) - 1)                       # (n − 1, B, C, H, W)
     for i, t in enumerate(timesteps):
         ab_t = ab[t]
         ab_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
@@ -123,7 +148,7 @@ def ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: lis
         post_var = (1.0 - ab_prev) / (1.0 - ab_t) * beta
         x = mean
         if post_var > 0:
-            x = x + post_var ** 0.5 * draw_noise(x, generator)
+            x = x + post_var ** 0.5 * z[i]
     return x
 
 
@@ -134,11 +159,13 @@ def ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: lis
         x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε + σ z                       (Eq. 12)
         σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)                            (Eq. 16)
 
-    code: sigma = σ_t(η), eta = η, z from `draw_noise` (drawn at every step when η > 0).
+    code: sigma = σ_t(η), eta = η, z[i] the z of step i (`draw_step_noise`: when η > 0,
+    one per step, all drawn before the first step).
     η = 0 is deterministic DDIM; η = 1 has DDPM's posterior variance.
     After the last step ᾱ_prev = ᾱ_0, not 1 (SD's set_alpha_to_one = false).
     """
     ab = schedule.alphas_cumprod.tolist()
+    z = draw_step_noise(x, generator, len(timesteps) if eta > 0 else 0)       # (n or 0, B, C, H, W)
     for i, t in enumerate(timesteps):
         ab_t = ab[t]
         ab_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else ab[0]
@@ -147,7 +174,7 @@ def ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: NoiseSchedule, timesteps: lis
         sigma = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)) ** 0.5  # Eq. 16
         x = ab_prev ** 0.5 * x0_hat + (1.0 - ab_prev - sigma ** 2) ** 0.5 * eps       # Eq. 12
         if eta > 0:
-            x = x + sigma * draw_noise(x, generator)
+            x = x + sigma * z[i]
     return x
 
 

@@ -32,6 +32,7 @@ from PIL import Image, PngImagePlugin
 
 from meddap.errors import MeddapError
 from meddap.io import atomic_path, stream_seed
+from meddap.lora.adapter import lora_layers
 from meddap.progress import Progress
 from meddap.sampling.generation import LATENT_DOWNSAMPLING, GenerationConfig
 from meddap.sampling.samplers import Sampler, denoise, draw_noise
@@ -105,10 +106,22 @@ def latents_to_images(sd, z0: torch.Tensor) -> list[Image.Image]:
 class TextToImage:
     """Samples batches of images with one model and one checked GenerationConfig;
     the negative prompt is encoded once, here. `settings` is the provenance every
-    image of it shares."""
+    image of it shares.
+
+    cfg.compile (CUDA only): the UNet runs through torch.compile with CUDA graphs
+    ("reduce-overhead"), specialised to the shapes of each batch size (dynamic=False),
+    so the guided step replays one captured graph. Not run by the tests (they have
+    no GPU); a compiled UNet may round differently from the eager one.
+    """
 
     def __init__(self, sd, cfg: GenerationConfig):
         self.sd, self.cfg = sd, cfg
+        self.unet = sd.unet
+        if cfg.compile:
+            if sd.device.type != "cuda":
+                raise MeddapError(f"compile = true works on CUDA only; this model is on {sd.device} "
+                                  f"(leave compile off there).")
+            self.unet = torch.compile(sd.unet, mode="reduce-overhead", dynamic=False)
         _, self.negative_hidden = encode_prompts(sd, [cfg.negative])          # (1, 77, D)
         self.latent_shape = (sd.config.unet.in_channels,                     # (4, H/8, W/8)
                              cfg.height // LATENT_DOWNSAMPLING, cfg.width // LATENT_DOWNSAMPLING)
@@ -116,6 +129,7 @@ class TextToImage:
             "negative_prompt": cfg.negative, "sampler": cfg.sampler.value, "steps": cfg.steps,
             "guidance": float(cfg.guidance), "eta": float(cfg.eta), "height": cfg.height,
             "width": cfg.width, "checkpoint_sha256": sd.source_sha256, "lora_sha256": sd.lora_sha256,
+            "lora_merged": any(m.merged for m in lora_layers(sd.unet).values()),
         }
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[GeneratedImage]:
@@ -123,7 +137,8 @@ class TextToImage:
 
         metadata: prompt, token_ids (77 ints), seed, and `settings`: negative_prompt,
         sampler, steps, guidance, eta, height, width, checkpoint_sha256
-        (`sd.source_sha256`), lora_sha256 (`sd.lora_sha256`, None without adapters).
+        (`sd.source_sha256`), lora_sha256 (`sd.lora_sha256`, None without adapters),
+        lora_merged (whether the adapters are merged into the UNet's weights).
         """
         sd, cfg = self.sd, self.cfg
         seeds = [int(s) for s in seeds]
@@ -132,7 +147,7 @@ class TextToImage:
         uncond = self.negative_hidden.expand(B, -1, -1)                     # (B, 77, D)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         z_T = draw_noise(torch.empty((B, *self.latent_shape), device=sd.device), generators)  # (B, 4, h, w)
-        eps_fn = guided_eps(sd.unet, uncond, cond, float(cfg.guidance))
+        eps_fn = guided_eps(self.unet, uncond, cond, float(cfg.guidance))
         z0 = denoise(eps_fn, z_T, scheduler=cfg.sampler, num_steps=cfg.steps, eta=float(cfg.eta),
                      generator=generators)                                  # (B, 4, h, w) float32
         return [GeneratedImage(image=image, metadata={"prompt": prompts[b], "token_ids": tokens[b].tolist(),
@@ -145,8 +160,10 @@ def generate(sd, prompts: list[str], seeds: list[int], *, show_progress: bool = 
     """One image per (prompt, seed), sampled in batches of `batch_size`.
 
     settings: fields of GenerationConfig (sampler, steps, guidance, eta, height,
-    width, negative, batch_size), checked by its rules; those not given take its
-    defaults, the MEDDAP authors' generation settings. `sampler` may be a name.
+    width, negative, batch_size, compile), checked by its rules; those not given take
+    its defaults, the MEDDAP authors' generation settings. `sampler` may be a name.
+    `merge` is write_images' step: here sd is sampled as it is (LoRA training's
+    validation images come through here from the model being trained).
     Image k's noise depends only on its seed, not on the batch it was sampled in;
     kernels may still round a row differently in a batch of another size, which
     can move a pixel by one grey level (generation.py's resume rule redoes whole
