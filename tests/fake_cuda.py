@@ -101,12 +101,20 @@ def _device_type(x: object) -> str | None:
     return x.device.type if isinstance(x, torch.Tensor) else None
 
 
+def _is_view(func) -> bool:
+    """An operator whose result aliases its input without writing it (view, expand, t, ...):
+    metadata only, no kernel."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
 class _Recorder(TorchDispatchMode):
     """Sits above the fake mode: counts traffic, and runs all-real CPU operators for real."""
 
-    def __init__(self, syncs: Counter):
+    def __init__(self, syncs: Counter, kernels: Counter | None = None):
         super().__init__()
         self.syncs = syncs
+        self.kernels = kernels if kernels is not None else Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -118,6 +126,8 @@ class _Recorder(TorchDispatchMode):
         if not names_cuda and not any(isinstance(x, FakeTensor) for x in leaves):
             with _disable_current_modes():
                 return func(*args, **kwargs)           # a real CPU operator
+        if not _is_view(func):
+            self.kernels[func.__name__] += 1           # a CUDA operator that would launch a kernel
         if kind == "item":
             raise FakeCudaValueError(f"{issuing_line()}: .item(), int(), float() or bool() of a CUDA tensor has "
                                      "no value under fake_cuda; on a GPU it would wait for the device.")
@@ -142,10 +152,12 @@ class FakeCuda:
 
     def __init__(self) -> None:
         self.syncs: Counter[tuple[str, str]] = Counter()
+        self.kernels: Counter[str] = Counter()     # CUDA operators that launch a kernel, by name
         self.device = torch.device("cuda", 0)
 
     def reset(self) -> None:
         self.syncs.clear()
+        self.kernels.clear()
 
 
 @contextlib.contextmanager
@@ -158,7 +170,7 @@ def fake_cuda(dtype: torch.dtype = torch.float32, free_bytes: int = 64 * 2**30,
     torch.set_default_dtype(dtype)
     torch.cuda.mem_get_info = lambda device=None: (free_bytes, total_bytes)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), _Recorder(fc.syncs):
+        with FakeTensorMode(allow_non_fake_inputs=True), _Recorder(fc.syncs, fc.kernels):
             yield fc
     finally:
         torch.cuda.mem_get_info = previous_mem_get_info

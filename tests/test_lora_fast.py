@@ -22,6 +22,9 @@ from test_lora_train import adapters, assert_same_adapters, config, files, losse
 FAST = "meddap/lora/fast.py"
 # The fast step's only traffic: its five staged inputs (index, flip, t, η, ε), one copy each.
 STAGED_INPUTS = {("cpu->cuda", line_of(FAST, "x.copy_(staged[k], non_blocking=True)")): 5}
+# Kernel-launching CUDA operators of one fast forward (+ loss-ring write) on the tiny config,
+# recorded: a change that adds kernels to the step fails here and says which ops dominate.
+FAST_FORWARD_KERNELS = 7527
 
 
 def run_both(files, tmp_path, **kw):
@@ -137,6 +140,7 @@ def test_fast_step_on_cuda_copies_only_its_staged_inputs(images):  # noqa: F811
         ring.add(1, 0, loss)
         assert (loss.shape, loss.dtype, loss.device) == ((), torch.float32, CUDA)
         assert fc.syncs == Counter()
+        assert sum(fc.kernels.values()) == FAST_FORWARD_KERNELS, fc.kernels.most_common(8)
         # The update half: backward does not run under the fake mode, so the gradients are
         # set by hand; clipping and fused AdamW then run on the device without a sync.
         for p in params:

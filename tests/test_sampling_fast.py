@@ -324,6 +324,9 @@ def test_up_front_step_noise_gives_the_same_latents_bitwise(tiny_sd, sampler, et
     assert all(torch.equal(a, b) for a, b in zip(our_states, oracle_states))   # the same draws
 
 
+GUIDED_STEP_KERNELS = 2730   # tiny UNet on the stacked [uncond; cond] batch + the guidance arithmetic
+
+
 @pytest.mark.parametrize("sampler, steps, eta, expected", [
     ("ddpm", 3, 0.0, {STEP_NOISE: 1}), ("ddpm", 1, 0.0, {}),      # one step: σ = 0, nothing drawn
     ("ddim", 3, 0.5, {STEP_NOISE: 1}), ("ddim", 3, 0.0, {}), ("pndm", 3, 0.0, {})])
@@ -339,17 +342,22 @@ def test_on_fake_cuda_the_steps_upload_nothing(sampler, steps, eta, expected):
         generators = [torch.Generator("cpu").manual_seed(s) for s in (11, 12)]
         z_T = draw_noise(torch.empty((B, 4, 8, 8), device=sd.device, dtype=torch.float32), generators)
         eps_fn = guided_eps(sd.unet, uncond.expand(B, -1, -1), cond, 7.5)
-        per_call = []
+        per_call, kernels = [], []
 
         def counted(z, t):
             per_call.append(sum(fc.syncs.values()))
-            return eps_fn(z, t)
+            before = sum(fc.kernels.values())
+            eps = eps_fn(z, t)
+            kernels.append(sum(fc.kernels.values()) - before)
+            return eps
 
         fc.reset()
         z0 = denoise(counted, z_T, sampler, steps, eta, generators)
         assert (z0.shape, z0.dtype, z0.device) == (z_T.shape, torch.float32, CUDA)
         assert fc.syncs == Counter(expected)
         assert len(set(per_call)) == 1                 # nothing copied between the first call and the last
+        # kernel-launching CUDA operators of one guided UNet call (fp16, tiny config), recorded
+        assert set(kernels) == {GUIDED_STEP_KERNELS}, kernels
 
 
 # ---------------------------------------------------------------- 5. PNGs written off the main thread
