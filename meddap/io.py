@@ -258,9 +258,9 @@ def dataset_sha256(items) -> str:
 class UnreadableTorchFile(MeddapError):
     """`load_torch` could not read a file; `.reason` says why in meddap's words."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path, reason: str, pickled: bool = False):
         super().__init__(f"{path} cannot be read ({reason}).")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.pickled = path, reason, pickled   # pickled: refused objects
 
 
 def load_torch(path: str | os.PathLike):
@@ -278,7 +278,7 @@ def load_torch(path: str | os.PathLike):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UnreadableTorchFile(path, "broken, truncated, or holding pickled Python objects, which "
-                                        "meddap does not load") from None
+                                        "meddap does not load", pickled=True) from None
     except Exception as e:  # torch raises zip, EOF, runtime and OS errors for broken files
         detail = str(e).split(". ")[0].splitlines()[0].rstrip(".") if str(e).strip() else ""
         raise UnreadableTorchFile(path, f"{type(e).__name__}{': ' + detail if detail else ''}") from None
@@ -299,8 +299,8 @@ def read_torch_state_dict(path: str | os.PathLike, *, what: str = "weight file",
     try:
         state = load_torch(path)
     except UnreadableTorchFile as e:
-        raise MeddapError(f"{what} {path} cannot be read: it is not a readable torch checkpoint of "
-                          f"tensors ({e.reason}){wanted}.") from None
+        kind = "torch checkpoint of tensors" if e.pickled else "torch checkpoint"
+        raise MeddapError(f"{what} {path} cannot be read: it is not a readable {kind} ({e.reason}){wanted}.") from None
     if not isinstance(state, dict):
         raise MeddapError(f"{what} {path} holds an object of type {type(state).__name__}, not a "
                           f"state dict of tensors{wanted}.")

@@ -72,10 +72,10 @@ def test_protocol_hours_formula():
 
 def test_baseline_notes_where_there_is_none():
     # bench and work are not touched on these branches.
-    assert bench.baseline_work("classify_resnet34_224", None, None) == \
+    assert bench._baselines().baseline_work("classify_resnet34_224", None, None) == \
         (None, "no diffusers equivalent: meddap trains torchvision's network itself")
     if importlib.util.find_spec("diffusers") is not None and importlib.util.find_spec("peft") is None:
-        assert bench.baseline_work("train_lora_224", None, None) == \
+        assert bench._baselines().baseline_work("train_lora_224", None, None) == \
             (None, "peft is not installed; diffusers' LoRA training needs it")
 
 

@@ -249,7 +249,7 @@ def load_initial_state(path: str | Path) -> InitialState:
     try:
         blob = load_torch(path)
     except UnreadableTorchFile as e:
-        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt ({e.reason}); {redo}.") from None
+        raise MeddapError(f"initial-weights file {path} is not a meddap init.pt: {e.reason}; {redo}.") from None
     try:
         return InitialState(parse_arch(blob["arch"]), tuple(blob["classes"]), int(blob["seed"]),
                             bool(blob["imagenet_init"]), blob["weights_file"],
