@@ -30,7 +30,6 @@ On the CPU the same code runs with the `tiny` config and smaller sizes; --quick 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -97,15 +96,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    """TF32 for cuDNN convolutions and matrix products on or off inside the block (restored after)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+from meddap.fid.inception import tf32   # noqa: E402  (TF32 on/off, restored after)
 
 
 class Section(dict):

@@ -378,8 +378,15 @@ def tf32_off():
     most 2/255² (meddap.fid.as_released), which TF32 rounds away. Every
     feature pass of an FID network runs inside this block. No effect on the CPU.
     """
+    with tf32(False):
+        yield
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 for cuDNN convolutions and matrix products on or off inside the block (restored after)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
