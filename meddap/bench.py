@@ -60,7 +60,7 @@ from PIL import Image
 
 from meddap.device import DEVICE_HELP, check_device_name, check_dtype_name, resolve_device, resolve_dtype
 from meddap.errors import MeddapError
-from meddap.settings import add_arguments, at_least, from_args, setting
+from meddap.settings import add_command, at_least, from_args, setting
 
 GiB = 2**30
 PROMPT_CLASSES = ("benign", "malignant", "normal")
@@ -101,7 +101,10 @@ class BenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """Pixel sizes, sampler steps and batches of the paths (their names give the full ones)."""
+    """Pixel sizes, sampler steps and batches of the paths (their names give the full ones).
+
+    (`duplicates` pairs this with models/config.py's UNetConfig: both are plain frozen
+    dataclasses of integer fields, alike in shape only; they share no value or meaning.)"""
     lora_low: int = 224
     lora_high: int = 512
     sample: int = 512
@@ -405,10 +408,9 @@ def print_report(result: dict, cfg: BenchConfig) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="throughput and peak memory of the hot paths; protocol wall time",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, BenchConfig)
-    p.set_defaults(func=_run)
+    add_command(subparsers, "bench", BenchConfig, _run,
+                help="throughput and peak memory of the hot paths; protocol wall time",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ fields is declared once, with `setting(...)`: default, help text, check and
 parse rule. Everything else is derived from that declaration:
 
     add_arguments(parser, Cls)         argparse flags: --max-steps, choices, defaults in --help
+    add_command(sub, "name", Cls, fn)  a sub-command with those flags and its handler
     from_args(Cls, args)               a checked config from parsed flags
     from_table(Cls, table, "lora")     a checked config from a TOML section
     validate(cfg, label)               the field checks, then the class's `cross_checks`
@@ -271,6 +272,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         if kw.get("action") in ("store_true",) or kw.get("action") is argparse.BooleanOptionalAction:
             kw.pop("type", None)
         parser.add_argument(*names, **kw)
+
+
+def add_command(subparsers, name: str, cls, func, **parser_kw) -> argparse.ArgumentParser:
+    """The sub-command `name` (every `meddap` command that runs a config is made here):
+    its parser (`parser_kw`: help, description, ...), one flag per field of `cls`, and
+    `func(args)` as its handler. The caller adds the flags that are not settings of the
+    run (--json, --force, --quiet, positional inputs)."""
+    p = subparsers.add_parser(name, **parser_kw)
+    add_arguments(p, cls)
+    p.set_defaults(func=func)
+    return p
 
 
 def from_args(cls, args: argparse.Namespace, **fixed):

@@ -16,16 +16,15 @@ def register(subparsers) -> None:
     """Add this area's sub-commands to the `meddap` parser."""
     from meddap.classify.networks import Arch
     from meddap.classify.train import TrainConfig
-    from meddap.settings import add_arguments
+    from meddap.settings import add_command
 
     p = subparsers.add_parser("classify", help="downstream classifiers: train, eval, gradcam")
     sub = p.add_subparsers(dest="classify_command", required=True, metavar="ACTION")
 
-    t = sub.add_parser("train", help=f"train {' / '.join(a.value for a in Arch)} (authors' defaults)")
-    add_arguments(t, TrainConfig)
+    t = add_command(sub, "train", TrainConfig, _train,
+                    help=f"train {' / '.join(a.value for a in Arch)} (authors' defaults)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--force", action="store_true", help=FORCE_HELP)
-    t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="score a trained classifier on a labelled dataset")
     e.add_argument("--model", required=True, help="training output folder or its best.pt")

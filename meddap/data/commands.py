@@ -158,14 +158,13 @@ def _expand(args) -> int:
 def _add_expand(sub) -> None:
     from meddap.data.expand import ExpandConfig
 
-    p = sub.add_parser("expand", help="generate the expanded training sets (MEDDAP section 3.3)",
-                       description="Generate int(count x ratio) synthetic images per class and "
-                                   "adjective into OUT/{adjective|no_adjective}/ratio_{r}/train/"
-                                   "{class}/, with a JSONL manifest. Re-run to resume; launch with "
-                                   "torchrun to share the work between processes.")
-    settings.add_arguments(p, ExpandConfig)
+    p = settings.add_command(sub, "expand", ExpandConfig, _expand,
+                             help="generate the expanded training sets (MEDDAP section 3.3)",
+                             description="Generate int(count x ratio) synthetic images per class and "
+                                         "adjective into OUT/{adjective|no_adjective}/ratio_{r}/train/"
+                                         "{class}/, with a JSONL manifest. Re-run to resume; launch with "
+                                         "torchrun to share the work between processes.")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
-    p.set_defaults(func=_expand)
 
 
 def register(subparsers) -> None:
@@ -178,16 +177,15 @@ def register(subparsers) -> None:
     p.add_argument("--strict", action="store_true", help="an unreadable file is an error")
     p.set_defaults(func=_dataset_info)
 
-    p = subparsers.add_parser("split", help="leakage-safe stratified k-fold split manifest",
-                              description="Stratified, duplicate-aware train/val/test folds; "
-                                          "defaults are the paper's 545/115/120 x 5 folds.")
+    p = settings.add_command(subparsers, "split", SplitConfig, _split,
+                             help="leakage-safe stratified k-fold split manifest",
+                             description="Stratified, duplicate-aware train/val/test folds; "
+                                         "defaults are the paper's 545/115/120 x 5 folds.")
     p.add_argument("data", help="folder of class folders")
     p.add_argument("--out", required=True, help="manifest to write (JSON)")
-    settings.add_arguments(p, SplitConfig)
     p.add_argument("--strict", action="store_true", help="an unreadable file is an error")
     p.add_argument("--force", action="store_true", help="replace an existing --out that holds another split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_split)
 
     p = subparsers.add_parser("leakage", help="duplicates of one folder/split part in another",
                               description="Report files of A that duplicate files of B (exact: "

@@ -17,21 +17,19 @@ from pathlib import Path
 from meddap.fid.config import FidConfig, Formula
 from meddap.fid.prdc import PRDC_NAMES
 from meddap.outdir import check_output_file
-from meddap.settings import add_arguments, from_args
+from meddap.settings import add_command, from_args
 
 
 def register(subparsers) -> None:
     """Add this area's sub-commands to the `meddap` parser."""
-    p = subparsers.add_parser(
-        "fid", help="FID/KID between two image sets (or the paper's as-released quantity)",
-        description="Fréchet Inception Distance between two image sets with pytorch-fid's "
-                    "TF-2015 Inception weights (never downloaded: put them in weights/).")
+    p = add_command(subparsers, "fid", FidConfig, run_fid,
+                    help="FID/KID between two image sets (or the paper's as-released quantity)",
+                    description="Fréchet Inception Distance between two image sets with pytorch-fid's "
+                                "TF-2015 Inception weights (never downloaded: put them in weights/).")
     p.add_argument("dir_a", help="folder of class folders, flat image folder, or SPLIT.json:FOLD:PART")
     p.add_argument("dir_b", help="the set to compare with (same forms as DIR_A)")
-    add_arguments(p, FidConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
-    p.set_defaults(func=run_fid)
 
 
 def pair_result(scored: dict, name: str) -> dict:

@@ -62,7 +62,7 @@ import numpy as np
 
 from meddap.errors import MeddapError
 from meddap.fid.config import FeaturePass, FeatureSpace
-from meddap.settings import Label, add_arguments, cli_label, from_args, in_range, setting, validate
+from meddap.settings import Label, add_command, cli_label, from_args, in_range, setting, validate
 
 QUANTILES = (0, 1, 5, 25, 50)   # percent: the distance distributions the result reports
 CLOSEST = 16                    # pairs in "closest" and in the grid
@@ -215,21 +215,17 @@ def memorization(cfg: MemorizationConfig, *, label: Label = cli_label) -> dict:
 # ---------------------------------------------------------------- the command
 
 def register(subparsers) -> None:
-    """Add `meddap memorization` to the `meddap` parser.
-
-    (`duplicates` pairs this with `meddap sample`'s register: every command registers in this
-    shape, add_parser + flags derived from its config + handler; only the texts differ.)"""
-    p = subparsers.add_parser(
-        "memorization", help="flag synthetic images that are (near) copies of training images",
+    """Add `meddap memorization` to the `meddap` parser."""
+    p = add_command(
+        subparsers, "memorization", MemorizationConfig, run_memorization,
+        help="flag synthetic images that are (near) copies of training images",
         description="For every synthetic image its nearest training image (cosine distance on FID "
                     "Inception features, or on mean-centred 16x16 thumbnails); flagged when closer "
                     "than the --percentile-th percentile of held-out test images' distances.")
-    add_arguments(p, MemorizationConfig)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     p.add_argument("--grid", type=Path, default=None,
                    help=f"write a PNG of the {CLOSEST} closest pairs (synthetic above its nearest training image)")
-    p.set_defaults(func=run_memorization)
 
 
 def run_memorization(args: argparse.Namespace) -> int:

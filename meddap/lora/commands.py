@@ -16,7 +16,7 @@ from meddap.lora.adapter import AdapterConfig
 from meddap.lora.train import LoRARunConfig, train_lora   # imports torch, not torchvision: --help stays quick
 from meddap.io import json_sha256
 from meddap.outdir import FORCE_HELP, check_output_file, owned_output, torchrun_job_id
-from meddap.settings import add_arguments, as_dict, from_args
+from meddap.settings import add_command, as_dict, from_args
 
 
 def _info(args) -> int:
@@ -83,12 +83,11 @@ def _train(args) -> int:
 
 def register(subparsers) -> None:
     """Add this area's sub-commands to the `meddap` parser."""
-    p = subparsers.add_parser("lora-info", help="count LoRA parameters, or describe an adapter file")
+    p = add_command(subparsers, "lora-info", AdapterConfig, _info,
+                    help="count LoRA parameters, or describe an adapter file")
     p.add_argument("file", nargs="?", help="an adapter file (meddap or diffusers format) to describe")
     p.add_argument("--config", default="sd-v1.4", help="model config: sd-v1.4 (default) or tiny")
-    add_arguments(p, AdapterConfig)
     p.add_argument("--json", action="store_true", help="print JSON (keys trainable, unet_parameters, ratio, ...)")
-    p.set_defaults(func=_info)
 
     p = subparsers.add_parser("lora-convert", help="convert an adapter file between meddap and diffusers formats")
     p.add_argument("input", help="adapter file (format detected)")
@@ -96,8 +95,7 @@ def register(subparsers) -> None:
     p.add_argument("--to", required=True, choices=["meddap", "diffusers"], help="output format")
     p.set_defaults(func=_convert)
 
-    p = subparsers.add_parser("train-lora", help="fine-tune USLoRA adapters on labelled images (resumable)")
-    add_arguments(p, LoRARunConfig)
+    p = add_command(subparsers, "train-lora", LoRARunConfig, _train,
+                    help="fine-tune USLoRA adapters on labelled images (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
-    p.set_defaults(func=_train)

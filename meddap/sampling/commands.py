@@ -12,7 +12,7 @@ from __future__ import annotations
 from meddap.io import json_sha256, output_folder
 from meddap.outdir import FORCE_HELP, owned_output, torchrun_job_id
 from meddap.sampling.generation import MANIFEST_NAME, SampleConfig
-from meddap.settings import add_arguments, as_dict, from_args, validate
+from meddap.settings import add_command, as_dict, from_args, validate
 
 
 def image_name(index: int) -> str:
@@ -21,14 +21,12 @@ def image_name(index: int) -> str:
 
 def register(subparsers) -> None:
     """Add `meddap sample` to the `meddap` parser (flags derived from SampleConfig)."""
-    p = subparsers.add_parser(
-        "sample", help="generate images from a prompt (SD v1 + optional LoRA)",
-        description="Text-to-image with classifier-free guidance. Image k draws all its noise "
-                    "from a generator seeded with image_seed(--seed, k), so it gets the same "
-                    "noise whatever --batch-size. Re-run the same command to resume.")
-    add_arguments(p, SampleConfig)
+    p = add_command(subparsers, "sample", SampleConfig, run_sample,
+                    help="generate images from a prompt (SD v1 + optional LoRA)",
+                    description="Text-to-image with classifier-free guidance. Image k draws all its "
+                                "noise from a generator seeded with image_seed(--seed, k), so it gets "
+                                "the same noise whatever --batch-size. Re-run the same command to resume.")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
-    p.set_defaults(func=run_sample)
 
 
 def run_sample(args) -> int:
