@@ -11,16 +11,18 @@ name (on `--model tiny` the pixel sizes shrink and each entry says its size):
 
     train_lora_224          one `meddap train-lora` step at 224 px, batch 1: VAE encode,
                             UNet forward and backward, AdamW (lora_loss + apply_gradients)
-    train_lora_224_fast     the fast step at 224 px (cached latents)
-    train_lora_512_fast     the fast step at 512 px
-    train_lora_224_5folds   one step of each of the 5 folds (unit: fold-steps)
+    train_lora_224_fast     one `train-lora --fast` step at 224 px: its FastStep on cached latents,
+                            as it runs after SelfCheckedStep's first steps (a CUDA graph's replay
+                            in bf16/fp32 on CUDA; uncaptured with fp16 loss scaling, the bench's
+                            CUDA default, and on the CPU)
+    train_lora_512_fast     the same at 512 px
+    train_lora_224_5folds   one `train_lora_joint` step of the 5 folds at batch 1, cached latents:
+                            one batch-5 UNet pass, then each fold's clip and AdamW (unit:
+                            fold-steps; in fp16 without loss scaling, which train_lora_joint refuses)
     pndm30_b1_512           PNDM, 30 steps, batch 1, 512 px, guidance 7.5 (TextToImage)
     ddim50_b8_512           DDIM, 50 steps, batch 8, 512 px
     classify_resnet34_224   one ResNet34 training step, batch 32, 224 px (unit: images)
     fid_features            FID Inception features, batch 50 at 299 px (forward pass only)
-
-Where meddap has no fast variant of a path yet, its eager path is timed under that
-name and the entry says `"fast": false`.
 
 Peak memory ("peak_gib"): on CUDA torch.cuda.max_memory_allocated over the timed calls
 (the resident models included); on the CPU the process's maximum RSS over the timed
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import resource
@@ -196,42 +199,107 @@ class Bench:
         self.cfg, self.device, self.dtype, self.sizes = cfg, device, dtype, sizes_for(cfg)
         self.sd = build_stable_diffusion(cfg.model, device=device, dtype=dtype)
         self.sd.requires_grad_(False)
-        self.image_folder = _write_images(folder, self.sizes.lora_high)
+        self.folder = folder                                  # image_folder/ and the joint folds' out/ folders
+        self.image_folder = _write_images(folder / "images", self.sizes.lora_high)
 
-    # -- LoRA training (meddap.lora.train)
+    def plain_unet(self) -> None:
+        """Take the previous path's adapters out of the UNet; its base tensors stay in place."""
+        from meddap.lora.adapter import lora_layers, remove_lora
+        from meddap.lora.joint import MultiLoRALinear
 
-    def lora(self, size: int, cached: bool, folds: int, fast: bool, note: str) -> Work:
-        from meddap.lora.adapter import AdapterConfig, inject_lora, lora_layers, lora_parameters, remove_lora
+        unet = self.sd.unet
+        for name, m in [(n, m) for n, m in unet.named_modules() if isinstance(m, MultiLoRALinear)]:
+            unet.set_submodule(name, m.folds[0])              # fold 0's LoRALinear, around the same base
+        if lora_layers(unet):
+            remove_lora(unet)
+
+    # -- LoRA training (meddap.lora.train, meddap.lora.fast)
+
+    def lora(self, size: int, fast: bool) -> Work:
+        """One train_lora step at `size` px, batch 1: lora_loss + apply_gradients with a VAE encode
+        every step, or with `fast` the FastStep that train_lora builds for --fast (which needs
+        --cache-latents: the latents are cached)."""
+        from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
+        from meddap.lora.fast import WARMUP_STEPS, FastStep, make_optimizer, will_capture
         from meddap.lora.train import (ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, TrainImages,
                                        apply_gradients, lora_loss)
         from meddap.data.datasets import resolve_training_images
         from meddap.sampling.schedule import NoiseSchedule
 
         sd, device = self.sd, self.device
-        if lora_layers(sd.unet):
-            remove_lora(sd.unet)                              # the previous path's adapters
+        self.plain_unet()                                     # the previous path's adapters
         adapters = AdapterConfig()                            # the paper's rank 4, cross-attention
         rng = torch.Generator().manual_seed(42)
         inject_lora(sd.unet, adapters.rank, adapters.alpha, adapters.targets, generator=rng)
         params = lora_parameters(sd.unet)
         images = TrainImages(resolve_training_images(str(self.image_folder)), size, show_progress=False)
         contexts = images.embed_prompts(sd.text_encoder, as_released=False)      # (n_classes, 77, C)
-        if cached:
+        if fast:
             images.cache_latents(sd.vae, show_progress=False)
-        optimizer = torch.optim.AdamW(params, lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                      weight_decay=ADAM_WEIGHT_DECAY)
-        scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
+        # train_lora's optimizer: torch's AdamW, fused (and capturable when captured) with --fast.
+        loss_scaling = self.dtype is torch.float16
+        capture = fast and will_capture(device, loss_scaling, gradient_checkpointing=False)
+        optimizer = make_optimizer(params, 1e-4, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=fast,
+                                   capturable=capture)
+        scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
         schedule = NoiseSchedule.sd_v1()
         state = {"k": 0}
 
-        def step():
-            for _ in range(folds):
-                batch = torch.tensor([state["k"] % len(images)])                # (1,) image index
-                state["k"] += 1
-                loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, self.dtype)
+        def next_batch() -> torch.Tensor:
+            state["k"] += 1
+            return torch.tensor([(state["k"] - 1) % len(images)])                # (1,) image index
+
+        if not fast:
+            def step():
+                loss = lora_loss(sd, schedule, images, contexts, next_batch(), rng, device, self.dtype)
                 apply_gradients(loss, params, optimizer, scaler)
-            return loss.item()                                # the step's wait for the device, as train_lora's log
-        return Work(step, folds, "fold-steps" if folds > 1 else "steps", size, 1, fast, note)
+                return loss.item()                            # the step's wait for the device, as train_lora's log
+            return Work(step, 1, "steps", size, 1, False, "lora_loss + apply_gradients, VAE encode every step")
+
+        # train_lora's --fast construction (the bench has no gradient checkpointing). Timed is
+        # FastStep itself: what SelfCheckedStep runs after its first CHECK_STEPS steps.
+        update = functools.partial(apply_gradients, params=params, optimizer=optimizer, scaler=scaler)
+        static = FastStep(sd, schedule, images, contexts, update, 1, device, self.dtype, capture)
+
+        def fast_step():
+            static.draw(next_batch(), rng)
+            return static.run()                               # the device loss; measure() waits for it
+        for _ in range(WARMUP_STEPS if static.capture else 0):
+            fast_step()                                       # then measure()'s warm-up captures the graph
+        if static.capture:
+            kernels = "CUDA graph replay, fused AdamW"
+        elif device.type == "cuda":
+            kernels = "no CUDA graph (fp16 loss scaling is not graph-safe), fused AdamW"
+        else:
+            kernels = "eager kernels on the CPU (no graph capture), torch's AdamW"
+        return Work(fast_step, 1, "steps", size, 1, True, f"FastStep, cached latents, {kernels}")
+
+    # -- LoRA training of several folds at once (meddap.lora.joint)
+
+    def joint(self, size: int, folds: int) -> Work:
+        """One train_lora_joint step of `folds` folds at batch 1 on cached latents (unit: fold-steps)."""
+        from meddap.lora.joint import attach_folds, joint_step
+        from meddap.lora.train import LoRARunConfig
+        from meddap.sampling.schedule import NoiseSchedule
+
+        sd, device, dtype = self.sd, self.device, self.dtype
+        self.plain_unet()
+        cfgs = [LoRARunConfig(checkpoint="random-weights", data=str(self.image_folder),
+                              out=str(self.folder / "folds" / str(k)), resolution=size, cache_latents=True,
+                              show_progress=False) for k in range(folds)]
+        for cfg in cfgs:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        fs = attach_folds(sd, cfgs, device)                   # train_lora_joint's steps 3 and 4
+        schedule = NoiseSchedule.sd_v1()
+        every = list(range(folds))
+
+        def step():
+            _, losses = joint_step(sd, schedule, fs, every, device, dtype)   # log.csv, checkpoints not written
+            return [loss.item() for loss in losses.values()]                # each fold's log value, as train_lora_joint
+        note = f"joint folds: one batch-{folds} UNet pass, then each fold's clip and AdamW"
+        if dtype is torch.float16:
+            note += " (fp16 without loss scaling: train_lora_joint refuses fp16 loss scaling)"
+        return Work(step, folds, "fold-steps", size, 1, False, note)
 
     # -- sampling (meddap.sampling.text_to_image)
 
@@ -239,11 +307,9 @@ class Bench:
         from meddap.data.prompts import prompt_for
         from meddap.sampling.generation import GenerationConfig
         from meddap.sampling.samplers import Sampler
-        from meddap.lora.adapter import lora_layers, remove_lora
         from meddap.sampling.text_to_image import TextToImage
 
-        if lora_layers(self.sd.unet):
-            remove_lora(self.sd.unet)                         # sample the plain base, as the baseline does
+        self.plain_unet()                                     # sample the plain base, as the baseline does
         size = self.sizes.sample
         t2i = TextToImage(self.sd, GenerationConfig(sampler=Sampler.parse(sampler), steps=steps,
                                                     height=size, width=size, batch_size=batch))
@@ -301,14 +367,10 @@ def _write_images(folder: Path, side: int) -> Path:
 
 # The paths: name -> how to prepare it on a Bench.
 PATHS: dict[str, Callable[[Bench], Work]] = {
-    "train_lora_224": lambda b: b.lora(b.sizes.lora_low, cached=False, folds=1, fast=False,
-                                       note="lora_loss + apply_gradients, VAE encode every step"),
-    "train_lora_224_fast": lambda b: b.lora(b.sizes.lora_low, cached=True, folds=1, fast=False,
-                                            note="no fast step in meddap.lora yet: the eager step, cached latents"),
-    "train_lora_512_fast": lambda b: b.lora(b.sizes.lora_high, cached=True, folds=1, fast=False,
-                                            note="no fast step in meddap.lora yet: the eager step, cached latents"),
-    "train_lora_224_5folds": lambda b: b.lora(b.sizes.lora_low, cached=True, folds=PROTOCOL_FOLDS, fast=False,
-                                              note="no joint folds in meddap.lora yet: 5 eager steps in a row"),
+    "train_lora_224": lambda b: b.lora(b.sizes.lora_low, fast=False),
+    "train_lora_224_fast": lambda b: b.lora(b.sizes.lora_low, fast=True),
+    "train_lora_512_fast": lambda b: b.lora(b.sizes.lora_high, fast=True),
+    "train_lora_224_5folds": lambda b: b.joint(b.sizes.lora_low, PROTOCOL_FOLDS),
     "pndm30_b1_512": lambda b: b.sample("pndm", b.sizes.pndm_steps, 1),
     "ddim50_b8_512": lambda b: b.sample("ddim", b.sizes.ddim_steps, b.sizes.ddim_batch),
     "classify_resnet34_224": lambda b: b.classify(),

@@ -12,6 +12,8 @@ from meddap import bench
 PATH_NAMES = ["train_lora_224", "train_lora_224_fast", "train_lora_512_fast", "train_lora_224_5folds",
               "pndm30_b1_512", "ddim50_b8_512", "classify_resnet34_224", "fid_features"]
 STAGES = {"lora_training", "generation", "classifier_training", "fid_features", "total"}
+LORA_PATHS = PATH_NAMES[:4]
+FAST_NOTE_CPU = "FastStep, cached latents, eager kernels on the CPU (no graph capture), torch's AdamW"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -35,12 +37,25 @@ def test_quick_json_on_tiny_cpu(capsys):
         assert m["per_s"] > 0 and m["median_s"] > 0, name
         # A maximum RSS minus the RSS at the start: at least 0 (the models are resident).
         assert m["peak_gib"] >= 0 and m["peak"] in ("rss_max_minus_start", "rss_max_since_bench_start")
-        assert m["fast"] is False          # no fast variant exists in meddap yet
     sizes = {name: e["meddap"]["size"] for name, e in result["paths"].items()}
     assert sizes == {"train_lora_224": 64, "train_lora_224_fast": 64, "train_lora_512_fast": 128,
                      "train_lora_224_5folds": 64, "pndm30_b1_512": 64, "ddim50_b8_512": 64,
                      "classify_resnet34_224": 64, "fid_features": 299}
     assert result["paths"]["train_lora_224_5folds"]["meddap"]["unit"] == "fold-steps"
+    fast = {name: e["meddap"]["fast"] for name, e in result["paths"].items()}
+    assert fast == {name: name in ("train_lora_224_fast", "train_lora_512_fast") for name in PATH_NAMES}
+    lora = {name: result["paths"][name]["meddap"] for name in LORA_PATHS}
+    assert {n: m["unit"] for n, m in lora.items()} == {"train_lora_224": "steps", "train_lora_224_fast": "steps",
+                                                       "train_lora_512_fast": "steps",
+                                                       "train_lora_224_5folds": "fold-steps"}
+    items = {n: m["per_s"] * m["median_s"] for n, m in lora.items()}        # per_s = items / median_s
+    assert items == pytest.approx({"train_lora_224": 1, "train_lora_224_fast": 1, "train_lora_512_fast": 1,
+                                   "train_lora_224_5folds": 5}, rel=1e-12)
+    assert {n: m["batch"] for n, m in lora.items()} == {n: 1 for n in LORA_PATHS}
+    assert {n: m["note"] for n, m in lora.items()} == {
+        "train_lora_224": "lora_loss + apply_gradients, VAE encode every step",
+        "train_lora_224_fast": FAST_NOTE_CPU, "train_lora_512_fast": FAST_NOTE_CPU,
+        "train_lora_224_5folds": "joint folds: one batch-5 UNet pass, then each fold's clip and AdamW"}
     hours = result["protocol_hours"]
     assert set(hours) == STAGES and all(h > 0 for h in hours.values())
     assert hours["total"] == pytest.approx(sum(h for k, h in hours.items() if k != "total"), rel=1e-12)
@@ -93,3 +108,80 @@ def test_half_precision_needs_cuda():
     with pytest.raises(MeddapError, match=r"^--dtype fp16 needs a CUDA device \(train-lora's mixed precision "
                                           r"does\); on cpu the bench runs in fp32 \(--dtype fp32\)\.$"):
         bench.bench(bench.BenchConfig(device="cpu", dtype="fp16", model="tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    import torch
+    return bench.Bench(bench.BenchConfig(device="cpu", model="tiny"), torch.device("cpu"), torch.float32,
+                       tmp_path_factory.mktemp("bench"))
+
+
+def _eager_start(b):
+    """train_lora's start on the bench's images: seed 42, adapters, cached latents, AdamW (no scaler on the CPU)."""
+    import torch
+    from meddap.data.datasets import resolve_training_images
+    from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
+    from meddap.lora.train import ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, TrainImages
+
+    b.plain_unet()
+    rng = torch.Generator().manual_seed(42)
+    adapters = AdapterConfig()
+    inject_lora(b.sd.unet, adapters.rank, adapters.alpha, adapters.targets, generator=rng)
+    params = lora_parameters(b.sd.unet)
+    images = TrainImages(resolve_training_images(str(b.image_folder)), b.sizes.lora_low, show_progress=False)
+    contexts = images.embed_prompts(b.sd.text_encoder, as_released=False)
+    images.cache_latents(b.sd.vae, show_progress=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=ADAM_WEIGHT_DECAY)
+    return rng, params, images, contexts, optimizer, torch.amp.GradScaler("cpu", enabled=False)
+
+
+def test_fast_path_is_train_lora_fast_step(tiny_bench):
+    """On the CPU the fast step is the eager step bit for bit (meddap.lora.fast): the bench's fast
+    path gives the losses of lora_loss + apply_gradients on images 0, 1 from seed 42."""
+    import torch
+    from meddap.lora.train import apply_gradients, lora_loss
+    from meddap.sampling.schedule import NoiseSchedule
+
+    work = bench.PATHS["train_lora_224_fast"](tiny_bench)
+    fast = [work.step() for _ in range(3)]
+    assert all(isinstance(loss, torch.Tensor) and loss.shape == () for loss in fast)   # device losses
+    rng, params, images, contexts, optimizer, scaler = _eager_start(tiny_bench)
+    eager = []
+    for k in range(3):
+        loss = lora_loss(tiny_bench.sd, NoiseSchedule.sd_v1(), images, contexts, torch.tensor([k % 2]), rng,
+                         torch.device("cpu"), torch.float32)
+        apply_gradients(loss, params, optimizer, scaler)
+        eager.append(loss.item())
+    assert [loss.item() for loss in fast] == eager
+
+
+def test_joint_path_is_train_lora_joint_step(tiny_bench):
+    """The 5 folds share data and seed, so each fold's first loss is train_lora's first loss
+    (seed 42: adapters, epoch order, then lora_loss), to the rounding of a batch-5 UNet pass;
+    plain_unet then puts the same base layers back."""
+    import torch
+    from meddap.lora.adapter import LoRALinear, find_targets
+    from meddap.lora.joint import MultiLoRALinear
+    from meddap.lora.train import lora_loss
+    from meddap.sampling.schedule import NoiseSchedule
+
+    unet = tiny_bench.sd.unet
+    tiny_bench.plain_unet()
+    names = find_targets(unet, "cross")
+    weights = [unet.get_submodule(n).weight for n in names]
+    work = bench.PATHS["train_lora_224_5folds"](tiny_bench)
+    assert (work.items, work.unit, work.batch, work.fast) == (5, "fold-steps", 1, False)
+    assert all(isinstance(unet.get_submodule(n), MultiLoRALinear) for n in names)
+    joint = work.step()
+    tiny_bench.plain_unet()
+    assert not any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in unet.modules())
+    assert all(type(unet.get_submodule(n)) is torch.nn.Linear and unet.get_submodule(n).weight is w
+               for n, w in zip(names, weights))
+    rng, params, images, contexts, optimizer, scaler = _eager_start(tiny_bench)
+    order = torch.randperm(len(images), generator=rng)
+    with torch.no_grad():
+        first = lora_loss(tiny_bench.sd, NoiseSchedule.sd_v1(), images, contexts, order[:1], rng,
+                          torch.device("cpu"), torch.float32).item()
+    assert len(joint) == 5
+    assert joint == pytest.approx([first] * 5, rel=1e-5)

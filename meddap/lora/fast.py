@@ -51,12 +51,21 @@ LOSS_RTOL = 1e-3
 PARAM_RTOL, PARAM_ATOL = 1e-3, 1e-6
 
 
+def will_capture(device: torch.device, loss_scaling: bool, gradient_checkpointing: bool) -> bool:
+    """Whether the fast step is captured as a CUDA graph: on CUDA, without fp16 loss scaling
+    and without gradient checkpointing (neither is graph-safe)."""
+    return (device.type == "cuda" and torch.cuda.is_available() and not loss_scaling
+            and not gradient_checkpointing)
+
+
 def make_optimizer(params: list[torch.Tensor], lr: float, betas: tuple[float, float], eps: float,
-                   weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the adapters; fused=True only where asked for and the parameters are on CUDA."""
-    fused = fused and params[0].device.type == "cuda"
+                   weight_decay: float, fused: bool, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over the adapters; fused=True only where asked for and the parameters are on CUDA.
+    `capturable`: the step will be recorded in a CUDA graph (torch refuses to capture the
+    step of an AdamW built without it; its step counts then live on the device)."""
+    on_cuda = params[0].device.type == "cuda"
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             fused=fused or None)
+                             fused=(fused and on_cuda) or None, capturable=capturable and on_cuda)
 
 
 class FastStep:

@@ -145,6 +145,46 @@ class Fold:
         return epoch, self.order[position * b:(position + 1) * b]
 
 
+def attach_folds(sd, cfgs: list[LoRARunConfig], device: torch.device) -> list[Fold]:
+    """Steps 3 and 4 of a joint run: every fold's adapters (each drawn from its fold's
+    generator, in module order) around the shared base layers, as MultiLoRALinear, and
+    each fold's data, optimizer and resumed state."""
+    names = find_targets(sd.unet, cfgs[0].targets)
+    base = {n: sd.unet.get_submodule(n) for n in names}
+    folds = [Fold(c, sd, names, base, device) for c in cfgs]
+    for i, name in enumerate(names):
+        sd.unet.set_submodule(name, MultiLoRALinear([fold.layers[i] for fold in folds]))
+    return folds
+
+
+def joint_step(sd, schedule, folds: list[Fold], active: list[int], device: torch.device,
+               dtype: torch.dtype) -> tuple[dict[int, int], dict[int, torch.Tensor]]:
+    """One step of the folds `active`: one UNet call on all their rows, then each fold's
+    clip and AdamW step on its own loss's gradient. Returns each fold's (epoch, loss)."""
+    epochs, inputs = {}, {}
+    for k in active:                                   # each fold draws from its own generator
+        epochs[k], batch = folds[k].next_batch()
+        inputs[k] = lora_inputs(sd.vae, schedule, folds[k].images, folds[k].contexts, batch,
+                                folds[k].rng, device)
+    z_t, t, _, context = (torch.cat([inputs[k][j] for k in active]) for j in range(4))
+    rows = torch.cat([torch.full((len(inputs[k][1]),), k) for k in active]).to(device)   # (B,)
+    set_rows(sd.unet, rows)
+    eps = sd.unet(z_t.to(dtype), t.to(device), context)                              # (B, 4, h, w)
+    losses, start = {}, 0
+    for k in active:                                   # MEDDAP Eq. 1, each fold over its rows
+        n = len(inputs[k][1])
+        losses[k] = F.mse_loss(eps[start:start + n].float(), inputs[k][2])
+        start += n
+    for k in active:
+        folds[k].optimizer.zero_grad(set_to_none=True)
+    torch.stack(list(losses.values())).sum().backward()   # fold f's gradient: its own loss's
+    for k in active:                                   # apply_gradients' clip and step, per fold
+        torch.nn.utils.clip_grad_norm_(folds[k].params, MAX_GRAD_NORM)
+        folds[k].optimizer.step()
+        folds[k].step += 1
+    return epochs, losses
+
+
 def train_lora_joint(cfgs: list[LoRARunConfig], label: Label = cli_label) -> list[Path]:
     """Train every fold's adapters in one pass (see the module docstring); resume each fold
     from its `out/train_state.pt`. Returns each fold's `out/lora.safetensors`, in order."""
@@ -163,11 +203,7 @@ def train_lora_joint(cfgs: list[LoRARunConfig], label: Label = cli_label) -> lis
 
     # 3. Inject every fold's adapters (each drawn from its fold's generator), then
     # 4. each fold's data, optimizer and resumable state.
-    names = find_targets(sd.unet, cfg.targets)
-    base = {n: sd.unet.get_submodule(n) for n in names}
-    folds = [Fold(c, sd, names, base, device) for c in cfgs]
-    for i, name in enumerate(names):
-        sd.unet.set_submodule(name, MultiLoRALinear([fold.layers[i] for fold in folds]))
+    folds = attach_folds(sd, cfgs, device)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
 
     # 5. Loop: one UNet call on the rows of every fold that has steps left.
@@ -177,28 +213,9 @@ def train_lora_joint(cfgs: list[LoRARunConfig], label: Label = cli_label) -> lis
     try:
         while any(f.step < f.total for f in folds):
             active = [k for k, f in enumerate(folds) if f.step < f.total]
-            epochs, inputs = {}, {}
-            for k in active:                               # each fold draws from its own generator
-                epochs[k], batch = folds[k].next_batch()
-                inputs[k] = lora_inputs(sd.vae, schedule, folds[k].images, folds[k].contexts, batch,
-                                        folds[k].rng, device)
-            z_t, t, _, context = (torch.cat([inputs[k][j] for k in active]) for j in range(4))
-            rows = torch.cat([torch.full((len(inputs[k][1]),), k) for k in active]).to(device)  # (B,)
-            set_rows(sd.unet, rows)
-            eps = sd.unet(z_t.to(dtype), t.to(device), context)                        # (B, 4, h, w)
-            losses, start = {}, 0
-            for k in active:                               # MEDDAP Eq. 1, each fold over its rows
-                n = len(inputs[k][1])
-                losses[k] = F.mse_loss(eps[start:start + n].float(), inputs[k][2])
-                start += n
+            epochs, losses = joint_step(sd, schedule, folds, active, device, dtype)
             for k in active:
-                folds[k].optimizer.zero_grad(set_to_none=True)
-            torch.stack(list(losses.values())).sum().backward()   # fold f's gradient: its own loss's
-            for k in active:                               # apply_gradients' clip and step, per fold
                 fold = folds[k]
-                torch.nn.utils.clip_grad_norm_(fold.params, MAX_GRAD_NORM)
-                fold.optimizer.step()
-                fold.step += 1
                 value = losses[k].item()
                 logs[k].write(f"{fold.step},{epochs[k]},{value:.6g},{fold.cfg.lr:g}\n")
                 logs[k].flush()

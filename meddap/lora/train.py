@@ -46,7 +46,7 @@ from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_dev
 from meddap.errors import MeddapError
 from meddap.io import dataset_sha256, save_torch_atomic, truncate_log
 from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
-from meddap.lora.fast import LOG_EVERY, FastStep, LossRing, SelfCheckedStep, make_optimizer
+from meddap.lora.fast import LOG_EVERY, FastStep, LossRing, SelfCheckedStep, make_optimizer, will_capture
 from meddap.lora.files import save_lora
 from meddap.models.vae import sample_posterior
 from meddap.progress import Progress, progress
@@ -390,9 +390,13 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     if cfg.cache_latents:
         images.cache_latents(sd.vae, show_progress=cfg.show_progress)
 
-    # AdamW: torch's default implementation, fused on CUDA with --fast.
-    optimizer = make_optimizer(params, cfg.lr, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=cfg.fast)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision is MixedPrecision.FP16)
+    # AdamW: torch's default implementation, fused on CUDA with --fast (and capturable
+    # when the fast step is captured as a CUDA graph).
+    loss_scaling = cfg.mixed_precision is MixedPrecision.FP16
+    capture = cfg.fast and will_capture(device, loss_scaling, cfg.gradient_checkpointing)
+    optimizer = make_optimizer(params, cfg.lr, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=cfg.fast,
+                               capturable=capture)
+    scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
     steps_per_epoch, total = planned_steps(cfg, len(images))
     key = resume_key(cfg, sd.source_sha256, images)
 
@@ -409,8 +413,7 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     fast_step = None
     if cfg.fast:   # the same step on static buffers, checked against eager_step (meddap.lora.fast)
         update = functools.partial(apply_gradients, params=params, optimizer=optimizer, scaler=scaler)
-        static = FastStep(sd, schedule, images, contexts, update, cfg.batch_size, device, dtype,
-                          capture=not scaler.is_enabled() and not cfg.gradient_checkpointing)
+        static = FastStep(sd, schedule, images, contexts, update, cfg.batch_size, device, dtype, capture)
         fast_step = SelfCheckedStep(static, eager_step, params, optimizer, scaler)
 
     # 5. Loop: MEDDAP Eq. 1 on one batch per step.
