@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from meddap.lora.adapter import AdapterConfig
-from meddap.lora.train import LoRARunConfig, train_lora   # imports torch, not torchvision: --help stays quick
+from meddap.lora.train import LoRARunConfig, train_lora
 from meddap.io import json_sha256
 from meddap.outdir import FORCE_HELP, check_output_file, owned_output, torchrun_job_id
 from meddap.settings import add_command, as_dict, from_args
