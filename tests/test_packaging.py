@@ -1,7 +1,9 @@
 """setup.cfg states what the code needs: the Python and numpy lower bounds, and
-scikit-learn only as a test oracle."""
+scikit-learn only as a test oracle. Building the command line stays light."""
 import configparser
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,12 @@ def test_scikit_learn_is_a_test_oracle_only():
     importers = [p for p in (ROOT / "meddap").rglob("*.py")
                  if re.search(r"^\s*(import|from)\s+sklearn\b", p.read_text(encoding="utf-8"), re.M)]
     assert importers == []
+
+
+def test_building_the_command_line_imports_neither_torchvision_nor_scipy():
+    """`meddap sample` paid about 0.4 s of start-up for them (issue 14's CPU A/B): every
+    command's parser imports its module, so those modules import the two where they are used."""
+    probe = ("import sys; from meddap.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torchvision', 'scipy', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -60,8 +60,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state,
                                       parse_arch)
@@ -281,6 +279,11 @@ def augment_batch(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     [3/4, 4/3] and ColorJitter shuffles its order; our crop is square (the
     inputs are square) and the order is fixed.
     """
+    # torchvision is imported here, not at the top: importing it pulls in torch._dynamo
+    # (about 1.4 s), and every `meddap` command's parser imports this module.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     b, _, s, _ = images_u8.shape
     u = torch.rand(b, 7, generator=gen, dtype=torch.float64).tolist()          # (B, 7)
     out = []

@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 # Relative backscattered power (fibroglandular tissue = 1).
 ECHO_SKIN = 1.6
@@ -64,6 +63,8 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], corr_px: floa
     `corr_px` pixels: white noise on a grid `corr_px` times coarser, lightly
     blurred and linearly interpolated up."""
     coarse = (max(2, int(shape[0] / corr_px) + 2), max(2, int(shape[1] / corr_px) + 2))
+    from scipy import ndimage  # here, not at the top: every command's parser imports this module
+
     n = ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), 0.7)
     fine = _upsample_linear(n, shape)                                    # (H, W)
     return (fine - fine.mean()) / (fine.std() + 1e-6)

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 from PIL import Image
 
 from meddap.io import sha256_file
@@ -62,6 +61,8 @@ def phash(image: Image.Image) -> str:
     background = pixels <= pixels.min() + BACKGROUND_LEVELS
     if not background.all():
         pixels = np.where(background, pixels[~background].mean(), pixels)
+    import scipy.fft  # here, not at the top: every command's parser imports this module
+
     low = scipy.fft.dctn(pixels, type=2, norm="ortho")[:PHASH_LOW, :PHASH_LOW]   # (16, 16)
     return np.packbits((low > np.median(low)).ravel()).tobytes().hex()  # 256 bits
 

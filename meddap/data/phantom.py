@@ -33,9 +33,7 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 from PIL import Image, ImageFilter
-from scipy import ndimage
 
 from meddap.data import anatomy
 from meddap.errors import MeddapError
@@ -214,6 +212,8 @@ def simulate(rng: np.random.Generator, label: str, probe: Probe, size: int
     fields = np.stack([scat * np.sqrt(echo_bg), scat * np.sqrt(echo_les)])   # (2, S, S)
     if lesion is None:
         fields = fields[:1]                                                  # (1, S, S)
+    import scipy.fft  # here, not at the top: every command's parser imports this module
+
     iq = scipy.fft.ifft2(scipy.fft.fft2(fields) * psf_transfer(probe, grid, size))   # complex64
     # 3. Attenuation (round trip: 2 f alpha z) and TGC with slider error (dB).
     f = probe.frequency_mhz
@@ -259,6 +259,8 @@ def _scan_convert(grey: np.ndarray, probe: Probe, size: int, lesion: anatomy.Les
     phi = np.arctan2(x, z + r0)
     rows = rho / d * (size - 1)
     cols = (phi + phi_max) / (2 * phi_max) * (size - 1)
+    from scipy import ndimage  # here, not at the top: every command's parser imports this module
+
     out = ndimage.map_coordinates(grey, [rows, cols], order=1, mode="constant", cval=0.0)
     in_fan = (rho >= 0) & (rho <= d) & (np.abs(phi) <= phi_max)
     mask = None

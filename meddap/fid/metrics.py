@@ -17,7 +17,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg
 
 from meddap.errors import MeddapError
 
@@ -95,12 +94,16 @@ def _trace_sqrt_eigen(sigma1, sigma2) -> tuple[float, int]:
 
 def _trace_sqrt_schur(sigma1, sigma2) -> tuple[float, float]:
     """pytorch-fid's calculate_frechet_distance, step for step (returns trace, offset)."""
+    from scipy import linalg  # here, not at the top: every command's parser imports this module
+
     offset = 0.0
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = SQRTM_OFFSET
-        eye = np.eye(sigma1.shape[0]) * offset
-        covmean = linalg.sqrtm((sigma1 + eye) @ (sigma2 + eye))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)   # "matrix is singular" noise
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = SQRTM_OFFSET
+            eye = np.eye(sigma1.shape[0]) * offset
+            covmean = linalg.sqrtm((sigma1 + eye) @ (sigma2 + eye))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise MeddapError(f"the matrix square root has an imaginary part of "
@@ -119,10 +122,7 @@ def frechet_distance_detail(mu1, sigma1, mu2, sigma2,
     if method is SqrtMethod.EIGEN:
         (tr_covmean, rank), offset = _trace_sqrt_eigen(sigma1, sigma2), 0.0
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", linalg.LinAlgWarning)   # "matrix is singular" noise
-            tr_covmean, offset = _trace_sqrt_schur(sigma1, sigma2)
-        rank = None
+        (tr_covmean, offset), rank = _trace_sqrt_schur(sigma1, sigma2), None
     trace_term = float(np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
     return FrechetResult(value=mean_term + trace_term, mean_term=mean_term, trace_term=trace_term,
                          method=method, offset=offset, rank=rank, dims=mu1.shape[0])

@@ -27,7 +27,6 @@ holds X_i and its k - 1 nearer neighbours). Distances are computed in float64.
 from __future__ import annotations
 
 import numpy as np
-from scipy.spatial.distance import cdist
 
 from meddap.errors import MeddapError
 
@@ -37,6 +36,8 @@ PRDC_NAMES = ("precision", "recall", "density", "coverage")
 
 def kth_neighbour_distance(features: np.ndarray, k: int) -> np.ndarray:
     """features: (N, D) -> (N,) NND_k: the distance of each row to its k-th nearest other row."""
+    from scipy.spatial.distance import cdist  # here, not at the top: every command's parser imports this module
+
     d = cdist(features, features)                          # (N, N) euclidean, float64
     np.fill_diagonal(d, np.inf)                            # the point itself is not its neighbour
     return np.partition(d, k - 1, axis=1)[:, k - 1]        # (N,) k-th smallest of the others
@@ -53,6 +54,8 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = PRDC_K) -> dict[str, float
         raise MeddapError(f"PRDC with k = {k} needs k >= 1 and more than k images in each set (the "
                           f"k-th neighbour excludes the point itself); got {len(real)} real and "
                           f"{len(fake)} fake images.")
+    from scipy.spatial.distance import cdist  # here, not at the top: every command's parser imports this module
+
     nnd_real = kth_neighbour_distance(real, k)             # (N,) NND_k(X_i)
     nnd_fake = kth_neighbour_distance(fake, k)             # (M,) NND_k(Y_j)
     d = cdist(real, fake)                                  # (N, M) |X_i - Y_j|
