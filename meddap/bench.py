@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import resource
@@ -205,13 +204,11 @@ class Bench:
     def plain_unet(self) -> None:
         """Take the previous path's adapters out of the UNet; its base tensors stay in place."""
         from meddap.lora.adapter import lora_layers, remove_lora
-        from meddap.lora.joint import MultiLoRALinear
+        from meddap.lora.joint import detach_folds
 
-        unet = self.sd.unet
-        for name, m in [(n, m) for n, m in unet.named_modules() if isinstance(m, MultiLoRALinear)]:
-            unet.set_submodule(name, m.folds[0])              # fold 0's LoRALinear, around the same base
-        if lora_layers(unet):
-            remove_lora(unet)
+        detach_folds(self.sd.unet)
+        if lora_layers(self.sd.unet):
+            remove_lora(self.sd.unet)
 
     # -- LoRA training (meddap.lora.train, meddap.lora.fast)
 
@@ -220,9 +217,8 @@ class Bench:
         every step, or with `fast` the FastStep that train_lora builds for --fast (which needs
         --cache-latents: the latents are cached)."""
         from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
-        from meddap.lora.fast import WARMUP_STEPS, FastStep, make_optimizer, will_capture
-        from meddap.lora.train import (ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, TrainImages,
-                                       apply_gradients, lora_loss)
+        from meddap.lora.fast import WARMUP_STEPS
+        from meddap.lora.train import TrainImages, lora_loss, make_update
         from meddap.data.datasets import resolve_training_images
         from meddap.sampling.schedule import NoiseSchedule
 
@@ -236,12 +232,8 @@ class Bench:
         contexts = images.embed_prompts(sd.text_encoder, as_released=False)      # (n_classes, 77, C)
         if fast:
             images.cache_latents(sd.vae, show_progress=False)
-        # train_lora's optimizer: torch's AdamW, fused (and capturable when captured) with --fast.
-        loss_scaling = self.dtype is torch.float16
-        capture = fast and will_capture(device, loss_scaling, gradient_checkpointing=False)
-        optimizer = make_optimizer(params, 1e-4, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=fast,
-                                   capturable=capture)
-        scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
+        # train_lora's update: its AdamW, fused (and capturable when captured) with --fast.
+        update = make_update(params, 1e-4, device, loss_scaling=self.dtype is torch.float16, fast=fast)
         schedule = NoiseSchedule.sd_v1()
         state = {"k": 0}
 
@@ -252,14 +244,13 @@ class Bench:
         if not fast:
             def step():
                 loss = lora_loss(sd, schedule, images, contexts, next_batch(), rng, device, self.dtype)
-                apply_gradients(loss, params, optimizer, scaler)
+                update(loss)
                 return loss.item()                            # the step's wait for the device, as train_lora's log
             return Work(step, 1, "steps", size, 1, False, "lora_loss + apply_gradients, VAE encode every step")
 
-        # train_lora's --fast construction (the bench has no gradient checkpointing). Timed is
-        # FastStep itself: what SelfCheckedStep runs after its first CHECK_STEPS steps.
-        update = functools.partial(apply_gradients, params=params, optimizer=optimizer, scaler=scaler)
-        static = FastStep(sd, schedule, images, contexts, update, 1, device, self.dtype, capture)
+        # train_lora's --fast step (the bench has no gradient checkpointing). Timed is FastStep
+        # itself: what SelfCheckedStep runs after its first CHECK_STEPS steps.
+        static = update.fast_step(sd, schedule, images, contexts, 1, device, self.dtype)
 
         def fast_step():
             static.draw(next_batch(), rng)

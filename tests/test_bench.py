@@ -112,9 +112,14 @@ def test_half_precision_needs_cuda():
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
+    """The bench's random weights from a fixed seed, not from whatever earlier tests left in the
+    global generator: the joint test's batch-5 against batch-1 rounding depends on the draw
+    (relative 1e-7 for seed 0; under 2e-6 for 28 of seeds 0-29, but 6e-5 for seed 17)."""
     import torch
-    return bench.Bench(bench.BenchConfig(device="cpu", model="tiny"), torch.device("cpu"), torch.float32,
-                       tmp_path_factory.mktemp("bench"))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return bench.Bench(bench.BenchConfig(device="cpu", model="tiny"), torch.device("cpu"), torch.float32,
+                           tmp_path_factory.mktemp("bench"))
 
 
 def _eager_start(b):

@@ -39,9 +39,9 @@ from torch import nn
 from meddap.data.datasets import resolve_training_images
 from meddap.errors import MeddapError
 from meddap.lora.adapter import LoRALinear, find_targets
-from meddap.lora.train import (ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, LOG_FILE, MAX_GRAD_NORM,
-                               LoRARunConfig, MixedPrecision, TrainImages, lora_inputs, planned_steps,
-                               resume, resume_key, save_adapters, training_device, write_state)
+from meddap.lora.train import (LOG_FILE, MAX_GRAD_NORM, LoRARunConfig, MixedPrecision, TrainImages,
+                               lora_inputs, make_update, planned_steps, resume, resume_key, save_adapters,
+                               training_device, write_state)
 from meddap.progress import Progress
 from meddap.settings import Label, as_dict, cli_label
 
@@ -128,9 +128,8 @@ class Fold:
         self.contexts = self.images.embed_prompts(sd.text_encoder, cfg.as_released)  # (n_classes, 77, C)
         if cfg.cache_latents:
             self.images.cache_latents(sd.vae, show_progress=cfg.show_progress)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                           weight_decay=ADAM_WEIGHT_DECAY)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=False)   # no loss scaling (check_folds)
+        update = make_update(self.params, cfg.lr, device, loss_scaling=False, fast=False)   # check_folds
+        self.optimizer, self.scaler = update.optimizer, update.scaler
         self.steps_per_epoch, self.total = planned_steps(cfg, len(self.images))
         self.key = resume_key(cfg, sd.source_sha256, self.images)
         self.step, self.order = resume(self.out, self.key, self.params, self.optimizer, self.scaler,
@@ -155,6 +154,13 @@ def attach_folds(sd, cfgs: list[LoRARunConfig], device: torch.device) -> list[Fo
     for i, name in enumerate(names):
         sd.unet.set_submodule(name, MultiLoRALinear([fold.layers[i] for fold in folds]))
     return folds
+
+
+def detach_folds(unet: nn.Module) -> None:
+    """Undo attach_folds' wrapping: each MultiLoRALinear gives its place back to fold 0's
+    LoRALinear (around the same base layer), which remove_lora can then take out."""
+    for name, m in [(n, m) for n, m in unet.named_modules() if isinstance(m, MultiLoRALinear)]:
+        unet.set_submodule(name, m.folds[0])
 
 
 def joint_step(sd, schedule, folds: list[Fold], active: list[int], device: torch.device,

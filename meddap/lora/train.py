@@ -29,7 +29,6 @@ is bit for bit the eager one, log.csv included.
 """
 from __future__ import annotations
 
-import functools
 import math
 import random
 from dataclasses import dataclass
@@ -337,6 +336,36 @@ def apply_gradients(loss: torch.Tensor, params: list[torch.Tensor], optimizer: t
     scaler.update()
 
 
+@dataclass
+class Update:
+    """The adapters' update rule, built once by `make_update`: `update(loss)` is
+    apply_gradients with this AdamW and loss scaler; `capture` says whether the fast
+    step records it in a CUDA graph."""
+    params: list[torch.Tensor]
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    capture: bool
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        apply_gradients(loss, self.params, self.optimizer, self.scaler)
+
+    def fast_step(self, sd, schedule, images, contexts, batch_size: int, device: torch.device,
+                  dtype: torch.dtype) -> FastStep:
+        """The same step on static buffers (meddap.lora.fast), applying this update."""
+        return FastStep(sd, schedule, images, contexts, self, batch_size, device, dtype, self.capture)
+
+
+def make_update(params: list[torch.Tensor], lr: float, device: torch.device, loss_scaling: bool,
+                fast: bool, gradient_checkpointing: bool = False) -> Update:
+    """train_lora's AdamW (the authors' betas, eps and weight decay; torch's default
+    implementation, fused on CUDA with `fast`, and capturable when the fast step is
+    captured) and its loss scaler (on with fp16 only)."""
+    capture = fast and will_capture(device, loss_scaling, gradient_checkpointing)
+    optimizer = make_optimizer(params, lr, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=fast,
+                               capturable=capture)
+    return Update(params, optimizer, torch.amp.GradScaler(device.type, enabled=loss_scaling), capture)
+
+
 def training_device(cfg: LoRARunConfig, label: Label) -> tuple[torch.device, torch.dtype]:
     """Check `cfg`, pin cuDNN, and resolve the device and the base model's dtype."""
     validate(cfg, label)   # a config built in Python has not been checked yet
@@ -390,13 +419,9 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     if cfg.cache_latents:
         images.cache_latents(sd.vae, show_progress=cfg.show_progress)
 
-    # AdamW: torch's default implementation, fused on CUDA with --fast (and capturable
-    # when the fast step is captured as a CUDA graph).
-    loss_scaling = cfg.mixed_precision is MixedPrecision.FP16
-    capture = cfg.fast and will_capture(device, loss_scaling, cfg.gradient_checkpointing)
-    optimizer = make_optimizer(params, cfg.lr, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=cfg.fast,
-                               capturable=capture)
-    scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
+    update = make_update(params, cfg.lr, device, loss_scaling=cfg.mixed_precision is MixedPrecision.FP16,
+                         fast=cfg.fast, gradient_checkpointing=cfg.gradient_checkpointing)
+    optimizer, scaler = update.optimizer, update.scaler
     steps_per_epoch, total = planned_steps(cfg, len(images))
     key = resume_key(cfg, sd.source_sha256, images)
 
@@ -407,13 +432,12 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
 
     def eager_step(batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype)
-        apply_gradients(loss, params, optimizer, scaler)
+        update(loss)
         return loss
 
     fast_step = None
     if cfg.fast:   # the same step on static buffers, checked against eager_step (meddap.lora.fast)
-        update = functools.partial(apply_gradients, params=params, optimizer=optimizer, scaler=scaler)
-        static = FastStep(sd, schedule, images, contexts, update, cfg.batch_size, device, dtype, capture)
+        static = update.fast_step(sd, schedule, images, contexts, cfg.batch_size, device, dtype)
         fast_step = SelfCheckedStep(static, eager_step, params, optimizer, scaler)
 
     # 5. Loop: MEDDAP Eq. 1 on one batch per step.
