@@ -47,8 +47,9 @@ def test_scikit_learn_is_a_test_oracle_only():
 
 
 def test_building_the_command_line_imports_neither_torchvision_nor_scipy():
-    """`meddap sample` paid about 0.4 s of start-up for them (issue 14's CPU A/B): every
-    command's parser imports its module, so those modules import the two where they are used."""
+    """Importing them cost every command about 2 s of start-up (torchvision pulls in
+    torch._dynamo; issue 14's CPU A/B of `meddap sample`). Every command's parser imports
+    its module, so those modules import the two inside the functions that use them."""
     probe = ("import sys; from meddap.cli import build_parser; build_parser(); "
              "print(sorted(m for m in ('torchvision', 'scipy', 'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
