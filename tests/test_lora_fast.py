@@ -106,14 +106,40 @@ def test_fast_needs_cached_latents(files, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cpu_optimizer_is_the_default_and_cuda_fast_is_fused():
+def test_cpu_optimizer_is_multi_tensor_and_cuda_fast_is_fused():
     cpu = make_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-4, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY,
                          fused=True)
-    assert cpu.defaults["fused"] is None and cpu.defaults["foreach"] is None
+    assert cpu.defaults["fused"] is None and cpu.defaults["foreach"] is True
     with fake_cuda():
         gpu = make_optimizer([torch.nn.Parameter(torch.zeros(2, device="cuda"))], 1e-4, ADAM_BETAS, ADAM_EPS,
                              ADAM_WEIGHT_DECAY, fused=True)
-    assert gpu.defaults["fused"] is True
+    assert gpu.defaults["fused"] is True and gpu.defaults["foreach"] is None
+
+
+def test_multi_tensor_adamw_and_clip_follow_the_per_tensor_loop():
+    """make_optimizer's foreach AdamW with clip_gradients gives torch's per-tensor AdamW and
+    clip (the oracle) to rounding, over 20 steps on 30 tensors of adapter-like shapes. The
+    gradients' norms range from 0.03 to 300, so some steps are clipped and some are not
+    (Adam is blind to a constant scale, not to a changing one)."""
+    from meddap.lora.train import MAX_GRAD_NORM, clip_gradients
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 64), (64, 16), (16, 128), (128, 16), (16, 32)] * 6
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = make_optimizer(ours, 3e-3, ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, fused=False)
+    oracle = torch.optim.AdamW(ref, lr=3e-3, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=ADAM_WEIGHT_DECAY,
+                               foreach=False)
+    for _ in range(20):
+        scale = 10 ** (4 * torch.rand((), generator=g).item() - 4)     # joint norm ~ 300 * scale
+        grads = [scale * torch.randn(s, generator=g) for s in shapes]
+        for p, q, d in zip(ours, ref, grads):
+            p.grad, q.grad = d.clone(), d.clone()
+        clip_gradients(ours)
+        torch.nn.utils.clip_grad_norm_(ref, MAX_GRAD_NORM, foreach=False)
+        opt.step()
+        oracle.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_fast_step_on_cuda_copies_only_its_staged_inputs(images):  # noqa: F811

@@ -39,7 +39,7 @@ from torch import nn
 from meddap.data.datasets import resolve_training_images
 from meddap.errors import MeddapError
 from meddap.lora.adapter import LoRALinear, find_targets
-from meddap.lora.train import (LOG_FILE, MAX_GRAD_NORM, LoRARunConfig, MixedPrecision, TrainImages,
+from meddap.lora.train import (LOG_FILE, LoRARunConfig, MixedPrecision, TrainImages, clip_gradients,
                                lora_inputs, make_update, planned_steps, resume, resume_key, save_adapters,
                                training_device, write_state)
 from meddap.progress import Progress
@@ -185,7 +185,7 @@ def joint_step(sd, schedule, folds: list[Fold], active: list[int], device: torch
         folds[k].optimizer.zero_grad(set_to_none=True)
     torch.stack(list(losses.values())).sum().backward()   # fold f's gradient: its own loss's
     for k in active:                                   # apply_gradients' clip and step, per fold
-        torch.nn.utils.clip_grad_norm_(folds[k].params, MAX_GRAD_NORM)
+        clip_gradients(folds[k].params)
         folds[k].optimizer.step()
         folds[k].step += 1
     return epochs, losses

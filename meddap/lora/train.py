@@ -323,6 +323,14 @@ def lora_loss(sd, schedule, images: TrainImages, contexts: torch.Tensor, batch: 
     return F.mse_loss(eps.float(), noise)                           # MEDDAP Eq. 1
 
 
+def clip_gradients(params: list[torch.Tensor]) -> None:
+    """Scale the gradients of `params` so that their joint 2-norm is at most MAX_GRAD_NORM
+    (the authors' --max_grad_norm), with torch's multi-tensor norm on the CPU and CUDA
+    (torch picks its per-tensor loop on the CPU; there is no multi-tensor norm on `meta`)."""
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM,
+                                   foreach=params[0].device.type in ("cpu", "cuda") or None)
+
+
 def apply_gradients(loss: torch.Tensor, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler) -> None:
     """One AdamW update of the adapters `params` from `loss`: backward of the scaled loss,
@@ -331,7 +339,7 @@ def apply_gradients(loss: torch.Tensor, params: list[torch.Tensor], optimizer: t
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)                                      # clip the true gradients
-    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    clip_gradients(params)
     scaler.step(optimizer)
     scaler.update()
 
@@ -357,7 +365,7 @@ class Update:
 
 def make_update(params: list[torch.Tensor], lr: float, device: torch.device, loss_scaling: bool,
                 fast: bool, gradient_checkpointing: bool = False) -> Update:
-    """train_lora's AdamW (the authors' betas, eps and weight decay; torch's default
+    """train_lora's AdamW (the authors' betas, eps and weight decay; torch's multi-tensor
     implementation, fused on CUDA with `fast`, and capturable when the fast step is
     captured) and its loss scaler (on with fp16 only)."""
     capture = fast and will_capture(device, loss_scaling, gradient_checkpointing)
