@@ -12,8 +12,8 @@ from meddap.errors import MeddapError
 from meddap.lora import fast as fast_module
 from meddap.lora.adapter import lora_parameters
 from meddap.lora.fast import CHECK_STEPS, FastStep, LossRing, make_optimizer
-from meddap.lora.train import (ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, LoRARunConfig, apply_gradients,
-                               lora_loss, train_lora)
+from meddap.lora.train import (ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY, MAX_GRAD_NORM, LoRARunConfig,
+                               apply_gradients, clip_gradients, lora_loss, train_lora)
 from meddap.sampling.schedule import NoiseSchedule
 from meddap.settings import from_table
 from test_cuda_fake_paths import CUDA, adapted_model, images  # noqa: F401 (images is a fixture)
@@ -121,7 +121,6 @@ def test_multi_tensor_adamw_and_clip_follow_the_per_tensor_loop():
     clip (the oracle) to rounding, over 20 steps on 30 tensors of adapter-like shapes. The
     gradients' norms range from 0.03 to 300, so some steps are clipped and some are not
     (Adam is blind to a constant scale, not to a changing one)."""
-    from meddap.lora.train import MAX_GRAD_NORM, clip_gradients
     g = torch.Generator().manual_seed(0)
     shapes = [(16, 64), (64, 16), (16, 128), (128, 16), (16, 32)] * 6
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
