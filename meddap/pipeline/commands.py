@@ -27,8 +27,9 @@ def register(subparsers) -> None:
                         "every stage that is ready; a last run without --shard assembles the tables")
     p.set_defaults(func=_run)
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",
-                              description="`meddap run demo`: about 10 minutes on 2 CPU cores, no network; "
-                                          "--fast: the CI-sized variant (about 2 minutes).")
+                              description="`meddap run demo`: 8-18 minutes on 2 CPU cores (measured: 459 s on "
+                                          "an AVX-512 machine, 17:43 on an AVX2 one), no network; --fast: the "
+                                          "CI-sized variant (4-7.5 minutes).")
     d.add_argument("--out", default="meddap-demo", help="output folder (default: ./meddap-demo)")
     d.add_argument("--fast", action="store_true", help="smaller sizes (config demo-fast)")
     d.add_argument("--force", action="store_true", help=FORCE_HELP)
