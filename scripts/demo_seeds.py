@@ -28,19 +28,9 @@ from pathlib import Path
 
 from meddap.errors import MeddapError
 from meddap.io import write_json_atomic
-from meddap.pipeline.config import SHIPPED, RunConfig, config_from_dict
+from meddap.pipeline.config import RunConfig, config_from_dict, read_config_toml
 
 SEEDED = (("run", "seed"), ("lora", "seed"))      # the keys a seed sets
-
-
-def read_raw(config: str) -> tuple[dict, str]:
-    """The parsed TOML of a config file or shipped name, and its path."""
-    path = Path(config)
-    if not path.exists() and (SHIPPED / f"{path.name}.toml").exists():
-        path = SHIPPED / f"{path.name}.toml"
-    if not path.is_file():
-        raise MeddapError(f"config {config} does not exist; give a TOML file or a shipped config name.")
-    return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
 
 
 def parse_set(item: str) -> tuple[str, str, object]:
@@ -59,7 +49,7 @@ def parse_set(item: str) -> tuple[str, str, object]:
 
 def seed_configs(config: str, seeds: list[int], sets: list[str]) -> list[RunConfig]:
     """One checked RunConfig per seed: `config` with both seeds set to s, then the --set overrides."""
-    base, path = read_raw(config)
+    base, path = read_config_toml(config)
     overrides = [parse_set(item) for item in sets]
     out = []
     for s in seeds:

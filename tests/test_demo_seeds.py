@@ -66,3 +66,13 @@ def test_the_table_gives_each_seed_then_min_and_mean(tmp_path):
     assert lines[3] == "| 1 | 60.0% | 40.0% | [[5, 5], [3, 7]] | 90 |"
     assert lines[4] == "| min | 60.0% | 30.0% | | |"
     assert lines[5] == "| mean | 70.0% | 35.0% | | |"
+
+
+def test_a_missing_or_broken_config_is_the_run_configs_own_error(tmp_path):
+    # The config is read by meddap.pipeline.config.read_config_toml, as `meddap run` reads it.
+    with pytest.raises(MeddapError, match=r"does not exist; give a TOML file or a shipped config \(busi-sd14"):
+        demo_seeds.seed_configs(str(tmp_path / "absent.toml"), [0], [])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[run\n")
+    with pytest.raises(MeddapError, match=r"broken.toml is not valid TOML"):
+        demo_seeds.seed_configs(str(broken), [0], [])

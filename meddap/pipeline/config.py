@@ -173,8 +173,9 @@ def config_from_dict(raw: dict, source: str = "") -> RunConfig:
     return RunConfig(run=run, data=data, lora=lora, generate=generate, fid=fid, classify=classify, source=source)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a TOML run config; a bare name ("demo", "busi-sd14") is a shipped config."""
+def read_config_toml(path: str | Path) -> tuple[dict, Path]:
+    """The parsed TOML of a run config, unchecked, and its path; a bare name ("demo",
+    "busi-sd14") is a shipped config. For callers that edit keys before `config_from_dict`."""
     path = Path(path)
     if not path.exists() and (SHIPPED / f"{path.name}.toml").exists():
         path = SHIPPED / f"{path.name}.toml"
@@ -182,9 +183,14 @@ def load_config(path: str | Path) -> RunConfig:
         raise MeddapError(f"config {path} does not exist; give a TOML file or a shipped config "
                           f"({', '.join(shipped_configs())}).")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8")), path
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MeddapError(f"config {path} is not valid TOML: {e}.") from e
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and check a TOML run config; a bare name ("demo", "busi-sd14") is a shipped config."""
+    raw, path = read_config_toml(path)
     return config_from_dict(raw, str(path))
 
 
