@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     except MeddapError as e:
         print(f"demo_seeds: error: {e}", file=sys.stderr)
         return 2
-    from meddap.pipeline.commands import _owned_run
+    from meddap.pipeline.commands import owned_run
 
     work, rows = Path(args.work), []
     for s, cfg in zip(args.seeds, configs):
         out = work / f"seed{s}"
         t0 = time.monotonic()
-        _owned_run(cfg, str(out), force=False)
+        owned_run(cfg, str(out), force=False)
         rows.append(check_row(s, out, time.monotonic() - t0))
         write_json_atomic(work / "seeds.json", {"config": args.config, "sets": args.sets, "rows": rows})
     print(table(rows))

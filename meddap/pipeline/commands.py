@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     d.set_defaults(func=_demo)
 
 
-def _owned_run(cfg, out, force: bool, ranks=None):
+def owned_run(cfg, out, force: bool, ranks=None):
     """`meddap.pipeline.run.run(cfg, out, ranks)` inside OUT held as command "run" by the job
     (torchrun's ranks, or one --shard array, share the lock); report.md's path."""
     from meddap.distributed import Ranks
@@ -56,7 +56,7 @@ def _run(args) -> int:
 
     cfg = load_config(args.config)
     ranks = Ranks.parse_shard(args.shard) if args.shard else None
-    _owned_run(cfg, args.out, args.force, ranks)
+    owned_run(cfg, args.out, args.force, ranks)
     return 0
 
 
@@ -66,7 +66,7 @@ def _demo(args) -> int:
 
     from meddap.pipeline.config import load_config
 
-    report = _owned_run(load_config("demo-fast" if args.fast else "demo"), args.out, args.force)
+    report = owned_run(load_config("demo-fast" if args.fast else "demo"), args.out, args.force)
     check = json.loads((Path(args.out) / "fold0" / "classify" / "summary.json").read_text())["check"]
     for key, value in sorted(check.items()):
         net, kind = key.split("/")
