@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                         "every stage that is ready; a last run without --shard assembles the tables")
     p.set_defaults(func=_run)
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",
-                              description="`meddap run demo`: 7.5-18 minutes on 2 CPU cores (measured: 459 s on "
+                              description="`meddap run demo`: 7.5-18 minutes on 2 CPU cores (measured: 459 and 487 s on "
                                           "an AVX-512 machine, 17:43 on an AVX2 one), no network; --fast: the "
                                           "CI-sized variant (4-7.5 minutes).")
     d.add_argument("--out", default="meddap-demo", help="output folder (default: ./meddap-demo)")
