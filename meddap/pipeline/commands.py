@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",
                               description="`meddap run demo`: 7.5-18 minutes on 2 CPU cores (measured: 459 and 487 s on "
                                           "an AVX-512 machine, 17:43 on an AVX2 one), no network; --fast: the "
-                                          "CI-sized variant (4-7.5 minutes).")
+                                          "CI-sized variant, with an 8x shorter LoRA run (229-264 s on a slower AVX-512 machine, "
+                                          "where the previous fast variant took 535 s).")
     d.add_argument("--out", default="meddap-demo", help="output folder (default: ./meddap-demo)")
     d.add_argument("--fast", action="store_true", help="smaller sizes (config demo-fast)")
     d.add_argument("--force", action="store_true", help=FORCE_HELP)
