@@ -1,12 +1,24 @@
 """A procedurally generated, captioned image domain for pretraining the `tiny` base.
 
-It stands in for the natural images (LAION) that SD v1.4 was pretrained on:
-coloured geometric shapes on textured backgrounds, each image with a caption
-naming what it shows, e.g. "a small red ellipse on a striped blue background".
-It deliberately holds no ultrasound: no speckle model, no tissue layers, no
-lesions and none of the words of the MEDDAP prompts ("ultrasound", "tumor",
-"breast", "benign", "malignant"), so USLoRA really has to adapt the base to a
-new domain.
+It stands in for the natural images (LAION) that SD v1.4 was pretrained on,
+and holds two kinds of scene (`field_fraction` of them grey fields; the shipped
+tiny base was trained with 0, shapes only):
+
+- shapes: coloured and grey geometric shapes on textured backgrounds,
+  "a small red ellipse on a striped blue background";
+- grey fields: band-limited random fields (correlation length 0.6-7 px at
+  64 px; Gaussian, uniform, exponential or log-normal amplitudes; contrast
+  15-70%), optionally under a smooth gradient, with soft-edged textured blobs,
+  wavy bands, lines and grey shapes on top,
+  "a grainy gray field with a gradient, a small dark blob and a thin white line".
+
+The fields are generic image statistics (the texture of photographs, film
+grain, clouds), so the autoencoder learns to draw grey scenes at every scale,
+down to the block means of texture too fine for its 8 x 8 latent. The domain
+deliberately holds no ultrasound: no scatterers, no point-spread function or
+beam geometry, no tissue layers, no lesion model and none of the words of the
+MEDDAP prompts ("ultrasound", "tumor", "breast", "benign", "malignant"), so
+USLoRA really has to adapt the base to a new domain.
 
 Each sample is a pure function of (seed, index): `caption_and_image(seed, k)`.
 """
@@ -14,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage, special
 
 # name -> RGB; greys are included so the autoencoder also learns grey scenes.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -89,13 +102,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon(_polygon(shape, cx, cy, r, rng), fill=rgb)
 
 
-def caption_and_image(seed: int, index: int, size: int = 64) -> tuple[str, Image.Image]:
-    """Sample `index` of the domain: (caption, RGB image of size x size).
-
-    One or two shapes; the caption names each shape's size, colour and kind, and
-    the background's texture and colour.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+def _shapes_scene(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]:
+    """One or two shapes; the caption names each shape's size, colour and kind, and
+    the background's texture and colour."""
     names = list(COLOURS)
     bg_name, texture = names[rng.integers(len(names))], TEXTURES[rng.integers(len(TEXTURES))]
     big = size * SUPERSAMPLE
@@ -117,7 +126,113 @@ def caption_and_image(seed: int, index: int, size: int = 64) -> tuple[str, Image
     return f"{' and '.join(phrases)} on {background}", image
 
 
-def batch(seed: int, start: int, n: int, size: int = 64) -> tuple[list[str], np.ndarray]:
+# Grey fields. Correlation lengths are in pixels of a 64 px image (scaled with size).
+GRAINS = {"fine-grained": (0.6, 1.2), "grainy": (1.2, 2.5), "mottled": (2.5, 4.5), "cloudy": (4.5, 7.0)}
+AMPLITUDES = ("gaussian", "uniform", "exponential", "lognormal")
+OVERLAYS = ("blob", "band", "line", "shape")
+LOGNORMAL_SIGMA = 0.8
+
+
+def _unit_field(rng: np.random.Generator, size: int, corr_px: float, amplitude: str) -> np.ndarray:
+    """(size, size) float32, mean 0, std 1: white noise low-passed by a Gaussian of
+    sigma = corr_px, then mapped pointwise to the named amplitude distribution."""
+    n = ndimage.gaussian_filter(rng.standard_normal((size, size)), corr_px * size / 64, mode="wrap")
+    n = (n - n.mean()) / (n.std() + 1e-12)
+    if amplitude == "uniform":
+        return ((special.ndtr(n) - 0.5) * np.sqrt(12)).astype(np.float32)
+    if amplitude == "exponential":                      # -ln(1 - U) - 1: mean 0, var 1, bright tail
+        return (-np.log1p(-special.ndtr(n) * (1 - 1e-7)) - 1).astype(np.float32)
+    if amplitude == "lognormal":
+        s = LOGNORMAL_SIGMA
+        return ((np.exp(s * n - s * s / 2) - 1) / np.sqrt(np.expm1(s * s))).astype(np.float32)
+    return n.astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, size: int) -> tuple[str, np.ndarray]:
+    """A random grain word and a multiplicative texture 1 + a m (a: contrast 0.15-0.7)."""
+    grain = list(GRAINS)[rng.integers(len(GRAINS))]
+    m = _unit_field(rng, size, rng.uniform(*GRAINS[grain]), AMPLITUDES[rng.integers(len(AMPLITUDES))])
+    return grain, 1.0 + rng.uniform(0.15, 0.7) * m
+
+
+def _grey_word(level: float) -> str:
+    return "black" if level < 35 else "dark" if level < 90 else "gray" if level < 160 else \
+        "light" if level < 220 else "white"
+
+
+def _soft_mask(size: int, draw_fn, blur_px: float) -> np.ndarray:
+    """(size, size) coverage in [0, 1] of what draw_fn paints at 2x, optionally blurred."""
+    big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    draw_fn(ImageDraw.Draw(big), size * SUPERSAMPLE)
+    m = np.asarray(big.resize((size, size), Image.BOX), np.float32) / 255
+    return ndimage.gaussian_filter(m, blur_px) if blur_px > 0 else m
+
+
+def _overlay(rng: np.random.Generator, kind: str, size: int) -> tuple[str, np.ndarray]:
+    """An overlay's caption phrase and coverage mask."""
+    blur = float(rng.choice([0.0, 0.6, 1.5]))
+    if kind in ("blob", "shape"):
+        shape = "blob" if kind == "blob" else SHAPES[rng.integers(len(SHAPES) - 1)]
+        size_name = list(SIZES)[rng.integers(len(SIZES))]
+        frac = rng.uniform(*SIZES[size_name])
+
+        def draw(d, big):
+            r = frac * big / 2
+            _draw_shape(d, shape, rng.uniform(r, big - r), rng.uniform(r, big - r), r, 255, rng)
+        return f"a {size_name} {{grey}} {shape}", _soft_mask(size, draw, blur)
+    if kind == "band":
+        width = rng.uniform(0.03, 0.15)
+        name = "thin" if width < 0.07 else "wide"
+        y0, amp, freq, ph = rng.uniform(0.15, 0.85), rng.uniform(0, 0.08), rng.uniform(0.5, 2), rng.uniform(0, 2 * np.pi)
+
+        def draw(d, big):
+            xs = np.linspace(0, big, 33)
+            top = [(x, big * (y0 + amp * np.sin(2 * np.pi * freq * x / big + ph))) for x in xs]
+            d.polygon(top + [(x, y + width * big) for x, y in reversed(top)], fill=255)
+        return f"a {name} wavy {{grey}} band", _soft_mask(size, draw, blur)
+    width = int(rng.integers(1, 4)) * SUPERSAMPLE
+    p, q = rng.uniform(0, 1, 2), rng.uniform(0, 1, 2)
+    return (f"a {'thin' if width <= SUPERSAMPLE else 'thick'} {{grey}} line",
+            _soft_mask(size, lambda d, big: d.line([tuple(p * big), tuple(q * big)], fill=255, width=width), blur))
+
+
+def _field_scene(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]:
+    """A grey textured field, maybe under a gradient, with 0-2 textured overlays."""
+    level = rng.uniform(25, 210)
+    grain, texture = _texture(rng, size)
+    grey = level * texture
+    caption = f"a {grain} {_grey_word(level)} field"
+    if rng.random() < 0.5:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        a = rng.uniform(0, 2 * np.pi)
+        grey = grey * (1 + rng.uniform(0.4, 1.2) * ((xx - 0.5) * np.cos(a) + (yy - 0.5) * np.sin(a)))
+        caption += " with a gradient"
+    phrases = []
+    for _ in range(int(rng.choice(3, p=[0.25, 0.5, 0.25]))):
+        phrase, m = _overlay(rng, OVERLAYS[rng.integers(len(OVERLAYS))], size)
+        inner = rng.uniform(0, 255)
+        grey = (1 - m) * grey + m * inner * _texture(rng, size)[1]
+        phrases.append(phrase.format(grey=_grey_word(inner)))
+    if phrases:
+        caption += (" and " if "with" in caption else " with ") + ", ".join(phrases[:-1])
+        caption += (" and " if len(phrases) > 1 else "") + phrases[-1]
+    g = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    return caption, Image.fromarray(np.stack([g] * 3, -1))
+
+
+def caption_and_image(seed: int, index: int, size: int = 64,
+                      field_fraction: float = 0.0) -> tuple[str, Image.Image]:
+    """Sample `index` of the domain: (caption, RGB image of size x size), a grey field with
+    probability `field_fraction`, else shapes. At 0 no draw decides it, so the samples are
+    those of the shapes-only domain the shipped tiny base was trained on."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    if field_fraction > 0 and rng.random() < field_fraction:
+        return _field_scene(rng, size)
+    return _shapes_scene(rng, size)
+
+
+def batch(seed: int, start: int, n: int, size: int = 64,
+          field_fraction: float = 0.0) -> tuple[list[str], np.ndarray]:
     """Samples start .. start+n-1: captions and images (n, size, size, 3) uint8."""
-    pairs = [caption_and_image(seed, k, size) for k in range(start, start + n)]
+    pairs = [caption_and_image(seed, k, size, field_fraction) for k in range(start, start + n)]
     return [c for c, _ in pairs], np.stack([np.asarray(im) for _, im in pairs])

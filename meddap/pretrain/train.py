@@ -38,6 +38,7 @@ from meddap.io import save_torch_atomic, stream_seed, truncate_log
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import StableDiffusion, build_stable_diffusion, save_stable_diffusion
 from meddap.pretrain import shapes
+from meddap.pretrain.evaluate import PROBE_IMAGES, probe_phantoms, vae_reconstruction
 from meddap.progress import Progress, progress
 from meddap.sampling.schedule import NoiseSchedule
 from meddap.settings import above, as_dict, at_least, in_range, multiple_of, setting, validate
@@ -61,6 +62,8 @@ class PretrainConfig:
     vae_lr: float = setting(1e-3, help="stage 1 learning rate", check=above(0))
     kl_weight: float = setting(1e-5, check=at_least(0),
                                help="per-element KL weight (LDM uses 1e-6 beside a perceptual loss)")
+    field_fraction: float = setting(0.0, check=in_range(0.0, 1.0),
+                                    help="share of grey-field scenes in the shapes domain (the shipped file: 0)")
     latent_images: int = setting(2000, help="shapes images encoded once for stage 3", check=at_least(1))
     unet_steps: int = setting(1500, help="stage 3 steps", check=at_least(0))
     unet_batch: int = setting(16, help="stage 3 latents per step", check=at_least(1))
@@ -123,7 +126,8 @@ def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -
     vae.train()
     while step < cfg.vae_steps:
         gen.manual_seed(stream_seed(cfg.seed, step))          # step-keyed: resume = no resume
-        _, images = shapes.batch(cfg.seed, step * cfg.vae_batch, cfg.vae_batch, cfg.size)
+        _, images = shapes.batch(cfg.seed, step * cfg.vae_batch, cfg.vae_batch, cfg.size,
+                                 cfg.field_fraction)
         x = _to_tensor(images)                                                  # (B, 3, S, S)
         i, j = torch.randint(0, cfg.size - cfg.vae_crop + 1, (2,), generator=gen).tolist()
         x = x[:, :, i:i + cfg.vae_crop, j:j + cfg.vae_crop]                     # (B, 3, c, c)
@@ -155,7 +159,7 @@ def calibrate_latent_scale(sd: StableDiffusion, cfg: PretrainConfig, n: int = 51
     (so z' = c z in law), and D'(z') = D(z' / c) via post_quant_conv's weight / c.
     """
     vae = sd.vae
-    _, images = shapes.batch(cfg.seed + 1, 0, n, cfg.size)
+    _, images = shapes.batch(cfg.seed + 1, 0, n, cfg.size, cfg.field_fraction)
     mean, logvar = vae.encode(_to_tensor(images))                               # (n, 4, h, w)
     z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
     c = 1.0 / (SD_LATENT_SCALE * z.std().item())
@@ -176,7 +180,8 @@ def encode_latents(sd: StableDiffusion, cfg: PretrainConfig, work: Path) -> dict
     means, logvars, tokens = [], [], []
     chunk = 64
     for start in progress(range(0, cfg.latent_images, chunk), desc="2/3 encode latents"):
-        captions, images = shapes.batch(cfg.seed, 10_000_000 + start, min(chunk, cfg.latent_images - start), cfg.size)
+        captions, images = shapes.batch(cfg.seed, 10_000_000 + start, min(chunk, cfg.latent_images - start),
+                                         cfg.size, cfg.field_fraction)
         mean, logvar = sd.vae.encode(_to_tensor(images))
         means.append(mean), logvars.append(logvar), tokens.append(sd.text_encoder.tokenize(captions))
     data = {"mean": torch.cat(means), "logvar": torch.cat(logvars), "tokens": torch.cat(tokens)}
@@ -240,12 +245,16 @@ def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Pat
     sd = build_stable_diffusion("tiny")
     log = _Log(work / "log.csv")
     train_vae(sd, cfg, work, log)
+    probe = vae_reconstruction(sd.vae, probe_phantoms())
+    print(f"autoencoder on {PROBE_IMAGES} held-out phantoms: PSNR {probe.psnr_db:.2f} dB, "
+          f"channel spread {probe.spread:.3f}", flush=True)
     c = calibrate_latent_scale(sd, cfg)
     data = encode_latents(sd, cfg, work)
     train_unet(sd, cfg, data, work, log)
     sd = sd.to(torch.float16)
     meta = {f"pretrain_{k}": str(v) for k, v in as_dict(cfg).items()}
     meta.update(pretrain_domain=f"{shapes.__name__} (procedural shapes; no ultrasound)",
-                latent_rescale=f"{c:.6f}", latent_scale=str(SD_LATENT_SCALE))
+                latent_rescale=f"{c:.6f}", latent_scale=str(SD_LATENT_SCALE),
+                vae_probe_psnr_db=f"{probe.psnr_db:.3f}", vae_probe_spread=f"{probe.spread:.4f}")
     save_stable_diffusion(sd, out, metadata=meta)
     return out

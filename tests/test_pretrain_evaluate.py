@@ -1,0 +1,93 @@
+"""The tiny base's autoencoder measured on held-out phantoms (meddap.pretrain.evaluate), and the
+grey-field scenes of the shapes domain: closed forms, the fixed probe set, and the shipped file."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meddap.data import phantom
+from meddap.pretrain import shapes
+from meddap.pretrain.evaluate import (PROBE_IMAGES, PROBE_SIZE, Reconstruction, block_mean_reference,
+                                      probe_phantoms, vae_reconstruction)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
+MEDDAP_WORDS = ("ultrasound", "tumor", "breast", "benign", "malignant", "lesion")
+
+
+class _Identity(torch.nn.Module):
+    """A stand-in autoencoder: encode = identity, decode = identity (plus an optional colour tint)."""
+
+    def __init__(self, tint=(0.0, 0.0, 0.0), gain: float = 1.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.tint, self.gain = torch.tensor(tint).view(1, 3, 1, 1), gain
+
+    def encode(self, x):
+        return x, torch.zeros_like(x)
+
+    def decode(self, z):
+        return self.gain * z + self.tint
+
+
+def test_probe_set_is_fixed_grey_and_balanced():
+    a, b = probe_phantoms(), probe_phantoms()
+    assert a.shape == (PROBE_IMAGES, PROBE_SIZE, PROBE_SIZE) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    rng = phantom.image_rng(20_240_325, phantom.Site.A, "malignant", 1)     # probe 1 is malignant
+    assert np.array_equal(a[1], phantom.simulate(rng, "malignant", phantom.PROBES[phantom.Site.A], 64)[0])
+
+
+def test_psnr_and_spread_closed_forms():
+    grey = np.full((4, 16, 16), 128, np.uint8)
+    perfect = vae_reconstruction(_Identity(), grey)
+    assert perfect.psnr_db > 80 and perfect.spread == 0.0
+    # a tint of +0.2 on red only in [-1, 1] units = +0.1 in [0, 1]: MSE = 0.01 / 3, spread 0.1
+    tinted = vae_reconstruction(_Identity(tint=(0.2, 0.0, 0.0)), grey)
+    assert tinted.psnr_db == pytest.approx(10 * np.log10(3 / 0.01), abs=1e-3)
+    assert tinted.spread == pytest.approx(0.1, abs=1e-5)
+
+
+def test_block_mean_reference_is_exact_on_block_constant_images_and_loses_on_speckle():
+    rng = np.random.default_rng(0)
+    flat = np.repeat(np.repeat(rng.integers(0, 256, (2, 2, 2), dtype=np.uint8), 8, 1), 8, 2)
+    uniform = np.full((2, 16, 16), 77, np.uint8)
+    assert block_mean_reference(uniform) > 80
+    assert block_mean_reference(flat) < 80                  # bilinear upsampling smooths block edges
+    speckle = probe_phantoms(n=6)
+    assert 15 < block_mean_reference(speckle) < 22
+
+
+def test_shipped_base_reconstruction_is_reported_in_the_range_it_was_measured():
+    """The shipped VAE (pretrained on shapes only) does not yet meet the demo's goal
+    (PSNR >= 18.5 dB, spread <= 0.03); this pins today's figures so a change is seen."""
+    from meddap.models.stable_diffusion import load_stable_diffusion
+    r = vae_reconstruction(load_stable_diffusion(SHIPPED).vae, probe_phantoms())
+    assert isinstance(r, Reconstruction)
+    assert 15.0 < r.psnr_db < 16.0 and 0.15 < r.spread < 0.25, r
+
+
+def test_grey_field_scenes_are_grey_captioned_and_not_ultrasound():
+    caps, images = shapes.batch(2, 0, 80, 64, field_fraction=1.0)
+    assert caps == shapes.batch(2, 0, 80, 64, field_fraction=1.0)[0]
+    assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])
+    words = "|".join(shapes.GRAINS)
+    for c in caps:
+        assert re.fullmatch(rf"a ({words}) (black|dark|gray|light|white) field( with .+)?", c), c
+        assert not any(w in c for w in MEDDAP_WORDS)
+    assert images.std() > 20                                 # textured, not flat
+    mixed, _ = shapes.batch(2, 0, 200, 64, field_fraction=0.5)
+    share = sum(" field" in c for c in mixed) / len(mixed)
+    assert 0.35 < share < 0.65
+
+
+@pytest.mark.parametrize("amplitude", shapes.AMPLITUDES)
+def test_unit_fields_have_zero_mean_unit_variance_and_their_distribution(amplitude):
+    rng = np.random.default_rng(1)
+    m = np.stack([shapes._unit_field(rng, 64, 1.5, amplitude) for _ in range(20)])
+    assert abs(m.mean()) < 0.06 and abs(m.std() - 1) < 0.08
+    skew = ((m - m.mean()) ** 3).mean() / m.std() ** 3
+    expected = {"gaussian": 0.0, "uniform": 0.0, "exponential": 2.0,
+                "lognormal": (np.exp(0.64) + 2) * np.sqrt(np.expm1(0.64))}[amplitude]
+    assert abs(skew - expected) < 0.35 + 0.25 * expected, (amplitude, skew)
