@@ -135,7 +135,11 @@ LOGNORMAL_SIGMA = 0.8
 
 def _unit_field(rng: np.random.Generator, size: int, corr_px: float, amplitude: str) -> np.ndarray:
     """(size, size) float32, mean 0, std 1: white noise low-passed by a Gaussian of
-    sigma = corr_px, then mapped pointwise to the named amplitude distribution."""
+    sigma = corr_px, then mapped pointwise to the named amplitude distribution.
+
+    Not `anatomy.smooth_noise` (white noise on a coarse grid, interpolated up):
+    that one cannot make correlation lengths below a pixel or two, and this
+    domain keeps out of the phantom's modules."""
     n = ndimage.gaussian_filter(rng.standard_normal((size, size)), corr_px * size / 64, mode="wrap")
     n = (n - n.mean()) / (n.std() + 1e-12)
     if amplitude == "uniform":
@@ -172,7 +176,7 @@ def _overlay(rng: np.random.Generator, kind: str, size: int) -> tuple[str, np.nd
     """An overlay's caption phrase and coverage mask."""
     blur = float(rng.choice([0.0, 0.6, 1.5]))
     if kind in ("blob", "shape"):
-        shape = "blob" if kind == "blob" else SHAPES[rng.integers(len(SHAPES) - 1)]
+        shape = "blob" if kind == "blob" else SHAPES[rng.integers(len(SHAPES) - 1)]   # SHAPES ends with blob
         size_name = list(SIZES)[rng.integers(len(SIZES))]
         frac = rng.uniform(*SIZES[size_name])
 
@@ -201,21 +205,20 @@ def _field_scene(rng: np.random.Generator, size: int) -> tuple[str, Image.Image]
     level = rng.uniform(25, 210)
     grain, texture = _texture(rng, size)
     grey = level * texture
-    caption = f"a {grain} {_grey_word(level)} field"
+    phrases = []
     if rng.random() < 0.5:
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
         a = rng.uniform(0, 2 * np.pi)
         grey = grey * (1 + rng.uniform(0.4, 1.2) * ((xx - 0.5) * np.cos(a) + (yy - 0.5) * np.sin(a)))
-        caption += " with a gradient"
-    phrases = []
+        phrases.append("a gradient")
     for _ in range(int(rng.choice(3, p=[0.25, 0.5, 0.25]))):
         phrase, m = _overlay(rng, OVERLAYS[rng.integers(len(OVERLAYS))], size)
         inner = rng.uniform(0, 255)
         grey = (1 - m) * grey + m * inner * _texture(rng, size)[1]
         phrases.append(phrase.format(grey=_grey_word(inner)))
-    if phrases:
-        caption += (" and " if "with" in caption else " with ") + ", ".join(phrases[:-1])
-        caption += (" and " if len(phrases) > 1 else "") + phrases[-1]
+    caption = f"a {grain} {_grey_word(level)} field"
+    if phrases:                                  # "with A", "with A and B", "with A, B and C"
+        caption += " with " + " and ".join(filter(None, [", ".join(phrases[:-1]), phrases[-1]]))
     g = np.clip(np.round(grey), 0, 255).astype(np.uint8)
     return caption, Image.fromarray(np.stack([g] * 3, -1))
 
