@@ -1,16 +1,15 @@
 """Pretrain the `tiny` Stable Diffusion base shipped in weights/tiny/.
 
-    python scripts/pretrain_tiny.py --threads 1 --work runs/pretrain_tiny --out weights/tiny/tiny-sd.safetensors
+    python scripts/pretrain_tiny.py --threads 2 --work runs/pretrain_tiny --out weights/tiny/tiny-sd.safetensors
 
-Trains on CPU (the shipped file: about 30 minutes on 2 shared cores); the stages
+Trains on CPU (the shipped file: about 30 minutes on 2 cores, `--threads 2`;
+weights/tiny/README.md has the run's command, duration and losses); the stages
 checkpoint into --work and a re-run resumes. The seed and the default settings
-(PretrainConfig) with one thread reproduce the shipped file's tensors; the
-settings are also stored in the file's safetensors metadata (the shipped file's
-`pretrain_domain` names the module's earlier path, meddap.pipeline.shapes). See
-meddap/pretrain/train.py for the recipe. The run prints the autoencoder's PSNR and
-channel spread on 32 held-out phantoms (meddap/pretrain/evaluate.py) and stores
-them in the file's metadata; --field-fraction 0.5 adds the grey-field scenes
-(the shipped file: 0, shapes only).
+(PretrainConfig) are the shipped file's recipe (float rounding differs between CPUs
+and thread counts, so the bytes need not match); the settings are also stored in the
+file's safetensors metadata. See meddap/pretrain/train.py for the recipe. The run
+prints the autoencoder's PSNR and channel spread on 32 held-out phantoms
+(meddap/pretrain/evaluate.py) and stores them in the file's metadata.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The tiny base: its captioned shapes domain, the exact latent rescaling, the shipped file
 (SD v1 layout, fp16, <= 25 MB, read by the SD v1.4 loader) and the pretraining script's output."""
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ from meddap.io import stream_seed
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import build_stable_diffusion, load_stable_diffusion
 from meddap.pretrain import shapes
-from meddap.pretrain.train import (UNET_STREAM, PretrainConfig, _to_tensor, calibrate_latent_scale,
-                                   pretrain_tiny)
+from meddap.pretrain.train import (UNET_STREAM, PretrainConfig, _Log, _to_tensor, calibrate_latent_scale,
+                                   pretrain_tiny, tune_decoder)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
 MEDDAP_WORDS = ("ultrasound", "tumor", "breast", "benign", "malignant", "lesion")
@@ -44,7 +45,7 @@ def test_latent_rescaling_keeps_the_autoencoder_and_gives_unit_variance():
     torch.testing.assert_close(mean1, c * mean0, rtol=1e-4, atol=1e-5)          # z' = c z
     torch.testing.assert_close(logvar1, logvar0 + 2 * np.log(c), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sd.vae.decode(mean1), recon0, rtol=1e-4, atol=1e-4)   # D'(c z) = D(z)
-    _, images = shapes.batch(cfg.seed + 1, 0, 64, 32)                          # the calibration batch
+    _, images = shapes.batch(cfg.seed + 1, 0, 64, 32, cfg.field_fraction)      # the calibration batch
     m, lv = sd.vae.encode(_to_tensor(images))
     z = m + torch.exp(0.5 * lv) * torch.randn(m.shape, generator=torch.Generator().manual_seed(cfg.seed))
     assert abs((SD_LATENT_SCALE * z).std().item() - 1.0) < 1e-4
@@ -63,17 +64,19 @@ def test_shipped_tiny_base_loads_like_sd_v14():
 
 
 def test_pretrain_script_writes_a_loadable_checkpoint_and_resumes(tmp_path):
-    cfg = PretrainConfig(vae_steps=2, vae_batch=2, latent_images=4, unet_steps=2, unet_batch=2,
-                         warmup_steps=1, checkpoint_every=1, size=32, vae_crop=16)
+    cfg = PretrainConfig(vae_steps=2, vae_batch=2, decoder_steps=2, latent_images=4, unet_steps=2,
+                         unet_batch=2, warmup_steps=1, checkpoint_every=1, size=32, vae_crop=16)
     out = pretrain_tiny(cfg, tmp_path / "work", tmp_path / "tiny.safetensors")
     assert load_stable_diffusion(out).config.name == "tiny"
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["pretrain_domain"] == "meddap.pretrain.shapes (procedural shapes; no ultrasound)"
+        assert f.metadata()["pretrain_domain"] == ("meddap.pretrain.shapes (procedural shapes and grey "
+                                                   "fields; no ultrasound)")
     rows = (tmp_path / "work" / "log.csv").read_text().splitlines()
-    assert rows[0] == "stage,step,loss,lr" and len(rows) == 1 + 2 + 2
+    assert rows[0] == "stage,step,loss,lr" and len(rows) == 1 + 2 + 2 + 2
+    assert [r.split(",")[0] for r in rows[1:]] == ["vae"] * 2 + ["decoder"] * 2 + ["unet"] * 2
     first = out.read_bytes()
     pretrain_tiny(cfg, tmp_path / "work", tmp_path / "again.safetensors")      # all stages done: resumed
-    assert len((tmp_path / "work" / "log.csv").read_text().splitlines()) == 5
+    assert len((tmp_path / "work" / "log.csv").read_text().splitlines()) == 7
     assert (tmp_path / "again.safetensors").read_bytes() == first
 
 
@@ -93,3 +96,43 @@ def test_pretrain_config_is_checked(tmp_path):
     with pytest.raises(MeddapError, match=r"^--vae-crop = 64 must be at most --size = 32 "):
         pretrain_tiny(PretrainConfig(size=32, vae_crop=64), tmp_path / "work", tmp_path / "x.safetensors")
     assert not (tmp_path / "work").exists()
+
+
+def test_both_stages_warm_up_then_decay_by_cosine_to_a_tenth():
+    """lr(s) = base (s + 1) / W for s < W, then base (0.1 + 0.45 (1 + cos(pi (s - W) / (S - W))))."""
+    from meddap.pretrain.train import _lr
+    cfg = PretrainConfig(warmup_steps=50)
+    assert _lr(cfg, 0, 1e-3, 2400) == pytest.approx(1e-3 / 50)
+    assert _lr(cfg, 49, 1e-3, 2400) == pytest.approx(1e-3)
+    assert _lr(cfg, 50, 1e-3, 2400) == pytest.approx(1e-3)                     # cos 0 = 1: the peak
+    assert _lr(cfg, 50 + 1175, 1e-3, 2400) == pytest.approx(0.55e-3)             # half way: cos = 0
+    assert _lr(cfg, 2400, 1e-3, 2400) == pytest.approx(1e-4)                     # the end: a tenth
+    assert _lr(cfg, 775, 2e-3, 1500) == pytest.approx(1.1e-3)                    # stage 3's own length
+
+
+def test_decoder_stage_moves_the_decoder_only_and_resumes(tmp_path):
+    """Stage 1b trains D and post_quant_conv; q(z|x) (encoder, quant_conv) stays bitwise, so the
+    latent space the UNet is trained on does not move. Killed after step 1, it resumes to the
+    same weights as an uninterrupted run."""
+    cfg = PretrainConfig(size=32, vae_crop=16, vae_batch=2, decoder_steps=2, warmup_steps=1,
+                         checkpoint_every=1)
+    torch.manual_seed(0)
+    sd = build_stable_diffusion("tiny")
+    before = {k: v.clone() for k, v in sd.vae.state_dict().items()}
+    tune_decoder(sd, cfg, tmp_path, _Log(tmp_path / "log.csv"))
+    after = sd.vae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+
+    torch.manual_seed(0)
+    part = build_stable_diffusion("tiny")
+    (tmp_path / "b").mkdir()
+    tune_decoder(part, replace(cfg, decoder_steps=1), tmp_path / "b", _Log(tmp_path / "b.csv"))
+    torch.manual_seed(0)
+    resumed = build_stable_diffusion("tiny")                     # a fresh process: stage 1's weights
+    tune_decoder(resumed, cfg, tmp_path / "b", _Log(tmp_path / "b.csv"))
+    assert all(torch.equal(after[k], v) for k, v in resumed.vae.state_dict().items())
+    assert (tmp_path / "b.csv").read_text() == (tmp_path / "log.csv").read_text()

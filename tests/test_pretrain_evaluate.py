@@ -59,13 +59,17 @@ def test_block_mean_reference_is_exact_on_block_constant_images_and_loses_on_spe
     assert 15 < block_mean_reference(speckle) < 22
 
 
-def test_shipped_base_reconstruction_is_reported_in_the_range_it_was_measured():
-    """The shipped VAE (pretrained on shapes only) does not yet meet the demo's goal
-    (PSNR >= 18.5 dB, spread <= 0.03); this pins today's figures so a change is seen."""
+def test_shipped_base_reconstructs_held_out_phantoms_grey_and_sharp_enough():
+    """The demo's goal for the shipped VAE (never trained on phantoms): PSNR >= 18.5 dB and
+    channel spread <= 0.03 on the 32 probe phantoms, and above the smooth block-mean
+    reference of the same images (18.72 dB). Measured: 19.05 dB and 0.023
+    (weights/tiny/README.md); the base before (shapes only, 900 steps): 15.5 dB and 0.205."""
     from meddap.models.stable_diffusion import load_stable_diffusion
-    r = vae_reconstruction(load_stable_diffusion(SHIPPED).vae, probe_phantoms())
+    grey = probe_phantoms()
+    r = vae_reconstruction(load_stable_diffusion(SHIPPED).vae, grey)
     assert isinstance(r, Reconstruction)
-    assert 15.0 < r.psnr_db < 16.0 and 0.15 < r.spread < 0.25, r
+    assert r.psnr_db >= 18.5 and r.spread <= 0.03, r
+    assert r.psnr_db > block_mean_reference(grey)
 
 
 def test_grey_field_scenes_are_grey_captioned_and_not_ultrasound():

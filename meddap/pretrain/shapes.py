@@ -2,7 +2,7 @@
 
 It stands in for the natural images (LAION) that SD v1.4 was pretrained on,
 and holds two kinds of scene (`field_fraction` of them grey fields; the shipped
-tiny base was trained with 0, shapes only):
+tiny base was trained with 0.8, and its decoder then on grey fields alone):
 
 - shapes: coloured and grey geometric shapes on textured backgrounds,
   "a small red ellipse on a striped blue background";

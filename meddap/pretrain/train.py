@@ -5,7 +5,12 @@ with the same modules, code paths and checkpoint layout as SD v1.4:
 
 1. the KL autoencoder (LDM Sec. 3.1): L = ||x - D(z)||^2 + w_KL KL(q(z|x) || N(0, I)),
    z ~ q(z|x); trained on random crops (the network is fully convolutional,
-   so crops are cheap and the model then runs at any size);
+   so crops are cheap and the model then runs at any size); the domain is
+   shapes and grey fields (`field_fraction` of them grey fields, shapes.py);
+   the learning rate warms up, then decays by cosine to a tenth (`_lr`);
+1b. the decoder alone on grey fields, the encoder frozen (`tune_decoder`: the
+   decoder-only fine-tuning of sd-vae-ft-mse), so that grey scenes decode grey;
+   the latent space does not move;
 2. latent calibration: SD multiplies latents by 0.18215 so that they have about
    unit variance (LDM Sec. 4.3.2 / Appendix G). The tiny base keeps that same
    constant (`SD_LATENT_SCALE`) and instead rescales its own latent space,
@@ -46,7 +51,11 @@ from meddap.settings import above, as_dict, at_least, in_range, multiple_of, set
 # Seed streams (meddap.io.stream_seed): stage 1's step s draws from stream s,
 # stage 3's from stream UNET_STREAM + s, the rule the shipped file was trained
 # with. The two ranges overlap; the stages draw different quantities from them.
+# Stage 1b's step s draws from DECODER_STREAM + s and reads the shapes images
+# from DECODER_IMAGES on, past every other stage's.
 UNET_STREAM = 7
+DECODER_STREAM = 5_000_000
+DECODER_IMAGES = 20_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,15 +64,18 @@ class PretrainConfig:
     seed: int = setting(0, help="seed of the data, the initialisation and every draw", check=at_least(0))
     size: int = setting(64, help="image side (px); 64 px images have 8 x 8 latents",
                         check=multiple_of(8, "the autoencoder downsamples by 8"))
-    vae_steps: int = setting(900, help="stage 1 steps", check=at_least(0))
+    vae_steps: int = setting(2400, help="stage 1 steps", check=at_least(0))
     vae_batch: int = setting(16, help="stage 1 images per step", check=at_least(1))
     vae_crop: int = setting(32, help="stage 1 training crop side (px); evaluation runs at --size",
                             check=multiple_of(8, "the autoencoder downsamples by 8"))
     vae_lr: float = setting(1e-3, help="stage 1 learning rate", check=above(0))
     kl_weight: float = setting(1e-5, check=at_least(0),
                                help="per-element KL weight (LDM uses 1e-6 beside a perceptual loss)")
-    field_fraction: float = setting(0.0, check=in_range(0.0, 1.0),
-                                    help="share of grey-field scenes in the shapes domain (the shipped file: 0)")
+    field_fraction: float = setting(0.8, check=in_range(0.0, 1.0),
+                                    help="share of grey-field scenes in the shapes domain")
+    decoder_steps: int = setting(200, check=at_least(0),
+                                 help="stage 1b steps: the decoder alone on grey fields")
+    decoder_lr: float = setting(1e-4, help="stage 1b peak learning rate", check=above(0))
     latent_images: int = setting(2000, help="shapes images encoded once for stage 3", check=at_least(1))
     unet_steps: int = setting(1500, help="stage 3 steps", check=at_least(0))
     unet_batch: int = setting(16, help="stage 3 latents per step", check=at_least(1))
@@ -85,11 +97,11 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _lr(cfg: PretrainConfig, step: int, base: float) -> float:
-    """Linear warm-up, then cosine decay to 10% (a common small-model schedule)."""
+def _lr(cfg: PretrainConfig, step: int, base: float, steps: int) -> float:
+    """Linear warm-up, then cosine decay to 10% at `steps` (a common small-model schedule)."""
     if step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
-    total = max(1, cfg.unet_steps - cfg.warmup_steps)
+    total = max(1, steps - cfg.warmup_steps)
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / total)))
 
 
@@ -137,18 +149,65 @@ def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -
         # KL(N(m, s^2) || N(0, 1)) per element = (m^2 + s^2 - 1 - ln s^2) / 2
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         loss = recon + cfg.kl_weight * kl
+        lr = _lr(cfg, step, cfg.vae_lr, cfg.vae_steps)
         for g in opt.param_groups:
-            g["lr"] = cfg.vae_lr * min(1.0, (step + 1) / cfg.warmup_steps)
+            g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         bar.update(1, postfix=f"mse {recon.item():.4f} kl {kl.item():.2f}")
-        log.row("vae", step, recon.item(), opt.param_groups[0]["lr"])
+        log.row("vae", step, recon.item(), lr)
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
             save_torch_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
     bar.close()
     vae.eval()
+
+
+def tune_decoder(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -> None:
+    """Stage 1b: the decoder alone on grey fields (resumable); the encoder is frozen.
+
+    The decoder fine-tuning of Stability AI's sd-vae-ft-mse, at toy scale: only D and
+    post_quant_conv train, so q(z|x), the latent space and everything trained on it
+    later are those of stage 1, and D learns that grey scenes decode grey. Stage 1's
+    mixed domain leaves a tint on grey inputs it never saw (phantoms: channel spread
+    0.053 after stage 1 alone, seed 0, field fraction 0.8; see weights/tiny/README.md).
+    """
+    vae, path = sd.vae, work / "decoder.pt"
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    step = 0
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+    log.resume("decoder", step)
+    gen = torch.Generator()
+    bar = Progress(total=cfg.decoder_steps, desc="1b/3 decoder on grey fields", initial=step)
+    vae.eval()                                  # no dropout or norm statistics to switch
+    while step < cfg.decoder_steps:
+        gen.manual_seed(stream_seed(cfg.seed, DECODER_STREAM + step))
+        _, images = shapes.batch(cfg.seed, DECODER_IMAGES + step * cfg.vae_batch, cfg.vae_batch, cfg.size,
+                                 field_fraction=1.0)
+        x = _to_tensor(images)                                                  # (B, 3, S, S), grey
+        i, j = torch.randint(0, cfg.size - cfg.vae_crop + 1, (2,), generator=gen).tolist()
+        x = x[:, :, i:i + cfg.vae_crop, j:j + cfg.vae_crop]                     # (B, 3, c, c)
+        with torch.no_grad():                                                   # q(z|x) fixed
+            mean, logvar = vae.encode(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        recon = F.mse_loss(vae.decode(z), x)        # the KL term has no decoder gradient
+        lr = _lr(cfg, step, cfg.decoder_lr, cfg.decoder_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        recon.backward()
+        opt.step()
+        step += 1
+        bar.update(1, postfix=f"mse {recon.item():.4f}")
+        log.row("decoder", step, recon.item(), lr)
+        if step % cfg.checkpoint_every == 0 or step == cfg.decoder_steps:
+            save_torch_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+    bar.close()
 
 
 @torch.no_grad()
@@ -219,7 +278,7 @@ def train_unet(sd: StableDiffusion, cfg: PretrainConfig, data: dict, work: Path,
         eps = torch.randn(z0.shape, generator=gen)
         z_t = schedule.q_sample(z0, t, eps)
         loss = F.mse_loss(unet(z_t, t, text(tokens)), eps)                      # MEDDAP Eq. 1
-        lr = _lr(cfg, step, cfg.unet_lr)
+        lr = _lr(cfg, step, cfg.unet_lr, cfg.unet_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -245,6 +304,7 @@ def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Pat
     sd = build_stable_diffusion("tiny")
     log = _Log(work / "log.csv")
     train_vae(sd, cfg, work, log)
+    tune_decoder(sd, cfg, work, log)
     probe = vae_reconstruction(sd.vae, probe_phantoms())
     print(f"autoencoder on {PROBE_IMAGES} held-out phantoms: PSNR {probe.psnr_db:.2f} dB, "
           f"channel spread {probe.spread:.3f}", flush=True)
@@ -253,7 +313,8 @@ def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Pat
     train_unet(sd, cfg, data, work, log)
     sd = sd.to(torch.float16)
     meta = {f"pretrain_{k}": str(v) for k, v in as_dict(cfg).items()}
-    meta.update(pretrain_domain=f"{shapes.__name__} (procedural shapes; no ultrasound)",
+    scenes = "procedural shapes and grey fields" if cfg.field_fraction > 0 else "procedural shapes"
+    meta.update(pretrain_domain=f"{shapes.__name__} ({scenes}; no ultrasound)",
                 latent_rescale=f"{c:.6f}", latent_scale=str(SD_LATENT_SCALE),
                 vae_probe_psnr_db=f"{probe.psnr_db:.3f}", vae_probe_spread=f"{probe.spread:.4f}")
     save_stable_diffusion(sd, out, metadata=meta)
