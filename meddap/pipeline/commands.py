@@ -27,10 +27,11 @@ def register(subparsers) -> None:
                         "every stage that is ready; a last run without --shard assembles the tables")
     p.set_defaults(func=_run)
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",
-                              description="`meddap run demo`: 7.5-18 minutes on 2 CPU cores (measured: 459 and 487 s on "
-                                          "an AVX-512 machine, 17:43 on an AVX2 one), no network; --fast: the "
-                                          "CI-sized variant, with an 8x shorter LoRA run (229-264 s on a slower AVX-512 machine, "
-                                          "where the previous fast variant took 535 s).")
+                              description="`meddap run demo`: 8-23 minutes on 2 CPU cores (measured: 487 s on a "
+                                          "fast AVX-512 machine and 17:43 on an AVX2 one with the previous base, "
+                                          "23 min on a slower AVX-512 machine with the cores shared), no network; "
+                                          "--fast: the CI-sized variant, with an 8x shorter LoRA run and 8 classifier "
+                                          "epochs (272 s on that slower machine).")
     d.add_argument("--out", default="meddap-demo", help="output folder (default: ./meddap-demo)")
     d.add_argument("--fast", action="store_true", help="smaller sizes (config demo-fast)")
     d.add_argument("--force", action="store_true", help=FORCE_HELP)
