@@ -14,7 +14,7 @@ from meddap.io import stream_seed
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import build_stable_diffusion, load_stable_diffusion
 from meddap.pretrain import shapes
-from meddap.pretrain.train import (UNET_STREAM, PretrainConfig, _Log, _to_tensor, calibrate_latent_scale,
+from meddap.pretrain.train import (UNET_STREAM, PretrainConfig, _Log, _lr, _to_tensor, calibrate_latent_scale,
                                    pretrain_tiny, tune_decoder)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
@@ -98,16 +98,15 @@ def test_pretrain_config_is_checked(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_both_stages_warm_up_then_decay_by_cosine_to_a_tenth():
+def test_every_training_stage_warms_up_then_decays_by_cosine_to_a_tenth():
     """lr(s) = base (s + 1) / W for s < W, then base (0.1 + 0.45 (1 + cos(pi (s - W) / (S - W))))."""
-    from meddap.pretrain.train import _lr
     cfg = PretrainConfig(warmup_steps=50)
     assert _lr(cfg, 0, 1e-3, 2400) == pytest.approx(1e-3 / 50)
     assert _lr(cfg, 49, 1e-3, 2400) == pytest.approx(1e-3)
     assert _lr(cfg, 50, 1e-3, 2400) == pytest.approx(1e-3)                     # cos 0 = 1: the peak
     assert _lr(cfg, 50 + 1175, 1e-3, 2400) == pytest.approx(0.55e-3)             # half way: cos = 0
     assert _lr(cfg, 2400, 1e-3, 2400) == pytest.approx(1e-4)                     # the end: a tenth
-    assert _lr(cfg, 775, 2e-3, 1500) == pytest.approx(1.1e-3)                    # stage 3's own length
+    assert _lr(cfg, 775, 2e-3, 1500) == pytest.approx(1.1e-3)                    # another stage's length
 
 
 def test_decoder_stage_moves_the_decoder_only_and_resumes(tmp_path):
