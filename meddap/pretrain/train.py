@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -123,44 +124,83 @@ class _Log:
             f.write(f"{stage},{step},{loss:.6f},{lr:.3g}\n")
 
 
-def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -> None:
-    """Stage 1: the autoencoder on random crops of shapes images (resumable)."""
-    vae, path = sd.vae, work / "vae.pt"
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+def _random_crop(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, C, S, S) -> (B, C, crop, crop) at a uniform position (one draw of two ints)."""
+    i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen).tolist()
+    return x[:, :, i:i + crop, j:j + crop]
+
+
+def _posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z ~ q(z|x) = N(mean, exp(logvar)) by reparametrisation."""
+    return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+
+
+@dataclass
+class _Step:
+    """What one training step of a stage returns to `_run_stage`."""
+    loss: torch.Tensor            # backpropagated
+    logged: float                 # the log.csv value (stage 1 logs the reconstruction MSE alone)
+    postfix: str                  # the progress bar's
+
+
+def _run_stage(name: str, desc: str, steps: int, base_lr: float, path: Path,
+               modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+               step_fn: Callable[[int], _Step], cfg: PretrainConfig, log: _Log,
+               clip: float | None = None) -> None:
+    """The loop every stage shares: resume from `path`, then per step the lr (`_lr`), the
+    loss of `step_fn(step)` (whose draws are keyed by the step, so resuming draws what an
+    uninterrupted run would), backward, optional gradient clipping, the optimizer step, a
+    log row, and a checkpoint every `cfg.checkpoint_every` steps and at the end.
+
+    The checkpoint holds each of `modules`' state under its key, "opt" and "step"."""
     step = 0
     if path.exists():
         state = torch.load(path, weights_only=True)
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
         step = state["step"]
-    log.resume("vae", step)
-    gen = torch.Generator()
-    bar = Progress(total=cfg.vae_steps, desc="1/3 autoencoder", initial=step)
-    vae.train()
-    while step < cfg.vae_steps:
-        gen.manual_seed(stream_seed(cfg.seed, step))          # step-keyed: resume = no resume
-        _, images = shapes.batch(cfg.seed, step * cfg.vae_batch, cfg.vae_batch, cfg.size,
-                                 cfg.field_fraction)
-        x = _to_tensor(images)                                                  # (B, 3, S, S)
-        i, j = torch.randint(0, cfg.size - cfg.vae_crop + 1, (2,), generator=gen).tolist()
-        x = x[:, :, i:i + cfg.vae_crop, j:j + cfg.vae_crop]                     # (B, 3, c, c)
-        mean, logvar = vae.encode(x)                                            # (B, 4, c/8, c/8)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-        recon = F.mse_loss(vae.decode(z), x)
-        # KL(N(m, s^2) || N(0, 1)) per element = (m^2 + s^2 - 1 - ln s^2) / 2
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        loss = recon + cfg.kl_weight * kl
-        lr = _lr(cfg, step, cfg.vae_lr, cfg.vae_steps)
+    log.resume(name, step)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    bar = Progress(total=steps, desc=desc, initial=step)
+    while step < steps:
+        out = step_fn(step)
+        lr = _lr(cfg, step, base_lr, steps)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         step += 1
-        bar.update(1, postfix=f"mse {recon.item():.4f} kl {kl.item():.2f}")
-        log.row("vae", step, recon.item(), lr)
-        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
-            save_torch_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
+        bar.update(1, postfix=out.postfix)
+        log.row(name, step, out.logged, lr)
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            save_torch_atomic({**{key: module.state_dict() for key, module in modules.items()},
+                               "opt": opt.state_dict(), "step": step}, path)
     bar.close()
+
+
+def train_vae(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log) -> None:
+    """Stage 1: the autoencoder on random crops of shapes images (resumable)."""
+    vae, gen = sd.vae, torch.Generator()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def step_fn(step: int) -> _Step:
+        gen.manual_seed(stream_seed(cfg.seed, step))
+        _, images = shapes.batch(cfg.seed, step * cfg.vae_batch, cfg.vae_batch, cfg.size,
+                                 cfg.field_fraction)
+        x = _random_crop(_to_tensor(images), cfg.vae_crop, gen)                # (B, 3, c, c)
+        mean, logvar = vae.encode(x)                                            # (B, 4, c/8, c/8)
+        recon = F.mse_loss(vae.decode(_posterior_sample(mean, logvar, gen)), x)
+        # KL(N(m, s^2) || N(0, 1)) per element = (m^2 + s^2 - 1 - ln s^2) / 2
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        return _Step(recon + cfg.kl_weight * kl, recon.item(), f"mse {recon.item():.4f} kl {kl.item():.2f}")
+
+    vae.train()
+    _run_stage("vae", "1/3 autoencoder", cfg.vae_steps, cfg.vae_lr, work / "vae.pt",
+               {"model": vae}, opt, step_fn, cfg, log)
     vae.eval()
 
 
@@ -173,41 +213,23 @@ def tune_decoder(sd: StableDiffusion, cfg: PretrainConfig, work: Path, log: _Log
     mixed domain leaves a tint on grey inputs it never saw (phantoms: channel spread
     0.053 after stage 1 alone, seed 0, field fraction 0.8; see weights/tiny/README.md).
     """
-    vae, path = sd.vae, work / "decoder.pt"
+    vae, gen = sd.vae, torch.Generator()
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
-    step = 0
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        step = state["step"]
-    log.resume("decoder", step)
-    gen = torch.Generator()
-    bar = Progress(total=cfg.decoder_steps, desc="1b/3 decoder on grey fields", initial=step)
-    vae.eval()                                  # no dropout or norm statistics to switch
-    while step < cfg.decoder_steps:
+
+    def step_fn(step: int) -> _Step:
         gen.manual_seed(stream_seed(cfg.seed, DECODER_STREAM + step))
         _, images = shapes.batch(cfg.seed, DECODER_IMAGES + step * cfg.vae_batch, cfg.vae_batch, cfg.size,
                                  field_fraction=1.0)
-        x = _to_tensor(images)                                                  # (B, 3, S, S), grey
-        i, j = torch.randint(0, cfg.size - cfg.vae_crop + 1, (2,), generator=gen).tolist()
-        x = x[:, :, i:i + cfg.vae_crop, j:j + cfg.vae_crop]                     # (B, 3, c, c)
+        x = _random_crop(_to_tensor(images), cfg.vae_crop, gen)                # (B, 3, c, c), grey
         with torch.no_grad():                                                   # q(z|x) fixed
-            mean, logvar = vae.encode(x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            z = _posterior_sample(*vae.encode(x), gen)
         recon = F.mse_loss(vae.decode(z), x)        # the KL term has no decoder gradient
-        lr = _lr(cfg, step, cfg.decoder_lr, cfg.decoder_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        recon.backward()
-        opt.step()
-        step += 1
-        bar.update(1, postfix=f"mse {recon.item():.4f}")
-        log.row("decoder", step, recon.item(), lr)
-        if step % cfg.checkpoint_every == 0 or step == cfg.decoder_steps:
-            save_torch_atomic({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, path)
-    bar.close()
+        return _Step(recon, recon.item(), f"mse {recon.item():.4f}")
+
+    vae.eval()                                  # no dropout or norm statistics to switch
+    _run_stage("decoder", "1b/3 decoder on grey fields", cfg.decoder_steps, cfg.decoder_lr,
+               work / "decoder.pt", {"model": vae}, opt, step_fn, cfg, log)
 
 
 @torch.no_grad()
@@ -220,7 +242,7 @@ def calibrate_latent_scale(sd: StableDiffusion, cfg: PretrainConfig, n: int = 51
     vae = sd.vae
     _, images = shapes.batch(cfg.seed + 1, 0, n, cfg.size, cfg.field_fraction)
     mean, logvar = vae.encode(_to_tensor(images))                               # (n, 4, h, w)
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
+    z = _posterior_sample(mean, logvar, torch.Generator().manual_seed(cfg.seed))
     c = 1.0 / (SD_LATENT_SCALE * z.std().item())
     e = vae.quant_conv.out_channels // 2                                        # moments = [mean | logvar]
     vae.quant_conv.weight[:e] *= c
@@ -250,48 +272,29 @@ def encode_latents(sd: StableDiffusion, cfg: PretrainConfig, work: Path) -> dict
 
 def train_unet(sd: StableDiffusion, cfg: PretrainConfig, data: dict, work: Path, log: _Log) -> None:
     """Stage 3: text tower + UNet with the eps-prediction loss (MEDDAP Eq. 1), resumable."""
-    unet, text, path = sd.unet, sd.text_encoder, work / "unet.pt"
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
-    step = 0
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
-        step = state["step"]
-    log.resume("unet", step)
+    unet, text, gen = sd.unet, sd.text_encoder, torch.Generator()
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters()), lr=cfg.unet_lr,
+                            weight_decay=0.01)
     schedule = NoiseSchedule.sd_v1()
     empty = text.tokenize([""])                                                 # (1, 77)
     n = data["mean"].shape[0]
-    gen = torch.Generator()
-    bar = Progress(total=cfg.unet_steps, desc="3/3 text encoder + UNet", initial=step)
-    unet.train(), text.train()
-    while step < cfg.unet_steps:
+
+    def step_fn(step: int) -> _Step:
         gen.manual_seed(stream_seed(cfg.seed, UNET_STREAM + step))
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
-        mean, logvar = data["mean"][idx], data["logvar"][idx]                   # (B, 4, h, w)
-        z0 = SD_LATENT_SCALE * (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen))
+        z0 = SD_LATENT_SCALE * _posterior_sample(data["mean"][idx], data["logvar"][idx], gen)  # (B, 4, h, w)
         if torch.rand((), generator=gen) < 0.5:                                 # flips keep captions true
             z0 = z0.flip(-1)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.caption_dropout
         tokens = torch.where(drop[:, None], empty, data["tokens"][idx])         # (B, 77)
         t = torch.randint(0, schedule.num_timesteps, (cfg.unet_batch,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
-        z_t = schedule.q_sample(z0, t, eps)
-        loss = F.mse_loss(unet(z_t, t, text(tokens)), eps)                      # MEDDAP Eq. 1
-        lr = _lr(cfg, step, cfg.unet_lr, cfg.unet_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        bar.update(1, postfix=f"loss {loss.item():.4f}")
-        log.row("unet", step, loss.item(), lr)
-        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
-            save_torch_atomic({"unet": unet.state_dict(), "text": text.state_dict(),
-                               "opt": opt.state_dict(), "step": step}, path)
-    bar.close()
+        loss = F.mse_loss(unet(schedule.q_sample(z0, t, eps), t, text(tokens)), eps)   # MEDDAP Eq. 1
+        return _Step(loss, loss.item(), f"loss {loss.item():.4f}")
+
+    unet.train(), text.train()
+    _run_stage("unet", "3/3 text encoder + UNet", cfg.unet_steps, cfg.unet_lr, work / "unet.pt",
+               {"unet": unet, "text": text}, opt, step_fn, cfg, log, clip=1.0)
     unet.eval(), text.eval()
 
 
