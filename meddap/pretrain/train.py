@@ -44,7 +44,7 @@ from meddap.io import save_torch_atomic, stream_seed, truncate_log
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import StableDiffusion, build_stable_diffusion, save_stable_diffusion
 from meddap.pretrain import shapes
-from meddap.pretrain.evaluate import PROBE_IMAGES, probe_phantoms, vae_reconstruction
+from meddap.pretrain.evaluate import PROBE_IMAGES, noise_mean_error, probe_phantoms, vae_reconstruction
 from meddap.progress import Progress, progress
 from meddap.sampling.schedule import NoiseSchedule
 from meddap.settings import above, as_dict, at_least, in_range, multiple_of, setting, validate
@@ -78,7 +78,7 @@ class PretrainConfig:
                                  help="stage 1b steps: the decoder alone on grey fields")
     decoder_lr: float = setting(1e-4, help="stage 1b peak learning rate", check=above(0))
     latent_images: int = setting(2000, help="shapes images encoded once for stage 3", check=at_least(1))
-    unet_steps: int = setting(1500, help="stage 3 steps", check=at_least(0))
+    unet_steps: int = setting(3000, help="stage 3 steps", check=at_least(0))
     unet_batch: int = setting(16, help="stage 3 latents per step", check=at_least(1))
     unet_lr: float = setting(1e-3, help="stage 3 peak learning rate", check=above(0))
     warmup_steps: int = setting(50, help="linear warm-up steps of both stages", check=at_least(1))
@@ -314,11 +314,14 @@ def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Pat
     c = calibrate_latent_scale(sd, cfg)
     data = encode_latents(sd, cfg, work)
     train_unet(sd, cfg, data, work, log)
+    tracking = noise_mean_error(sd, probe_phantoms())
+    print(f"UNet on the same phantoms' latents: noise-mean error {tracking:.3f} (1 = blind to it)", flush=True)
     sd = sd.to(torch.float16)
     meta = {f"pretrain_{k}": str(v) for k, v in as_dict(cfg).items()}
     scenes = "procedural shapes and grey fields" if cfg.field_fraction > 0 else "procedural shapes"
     meta.update(pretrain_domain=f"{shapes.__name__} ({scenes}; no ultrasound)",
                 latent_rescale=f"{c:.6f}", latent_scale=str(SD_LATENT_SCALE),
-                vae_probe_psnr_db=f"{probe.psnr_db:.3f}", vae_probe_spread=f"{probe.spread:.4f}")
+                vae_probe_psnr_db=f"{probe.psnr_db:.3f}", vae_probe_spread=f"{probe.spread:.4f}",
+                unet_probe_noise_mean_error=f"{tracking:.4f}")
     save_stable_diffusion(sd, out, metadata=meta)
     return out
