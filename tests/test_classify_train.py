@@ -288,3 +288,37 @@ def test_old_densenet_keys_are_renamed(tmp_path):
     for key, value in model.state_dict().items():
         if not key.startswith("classifier.") and not key.endswith("num_batches_tracked"):
             assert torch.equal(value, ours[key]), key
+
+
+@pytest.mark.parametrize("arch", list(Arch))
+def test_network_from_state_equals_build_then_load(arch):
+    """The meta-device build holds the state's values, every parameter and buffer, as copies,
+    and computes what build_network + load_state_dict computes, bitwise."""
+    from meddap.classify.networks import network_from_state
+    torch.manual_seed(3)
+    ref = build_network(arch, 3)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    net = network_from_state(arch, 3, state)
+    ours = net.state_dict()
+    assert ours.keys() == state.keys()
+    assert all(torch.equal(ours[k], state[k]) and ours[k].data_ptr() != state[k].data_ptr() for k in state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), ref.eval()(x))
+
+
+def test_adam_is_the_fused_kernel_with_the_default_update_rule():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    b.load_state_dict(a.state_dict())
+    fused, plain = train_mod._adam(a, 1e-2), torch.optim.Adam(b.parameters(), lr=1e-2, fused=False)
+    cpu_kernel = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    assert bool(fused.defaults["fused"]) is cpu_kernel          # torch 2.4 added the CPU kernel
+    for step in range(5):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for net, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from meddap.classify.metrics import METRIC_NAMES, bootstrap_ci, calibration, compute_metrics
-from meddap.classify.networks import build_network, parse_arch
+from meddap.classify.networks import network_from_state, parse_arch
 from meddap.classify.train import Compute, predict, to_tensor_set
 from meddap.data.datasets import resolve_images
 from meddap.device import resolve_device
@@ -58,8 +58,7 @@ def load_classifier(model: str | Path, device: str | torch.device = "cpu"
     except Exception as e:
         raise MeddapError(f"{path} is not a meddap classifier checkpoint "
                           f"({type(e).__name__}: {e}).") from e
-    net = build_network(arch, len(classes))
-    net.load_state_dict(blob["state_dict"], strict=True)
+    net = network_from_state(arch, len(classes), blob["state_dict"])
     net.to(device).eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     meta["path"], meta["sha256"] = str(path), sha256_file(path)

@@ -30,10 +30,10 @@ shuffle, and a stop inside an epoch saves that generator's state). SIGTERM and
 SIGINT (Ctrl-C) lose nothing: the run finishes its batch, saves its state and
 stops with `TrainingStopped`; a second signal stops at once, unsaved.
 
-Arithmetic: on the CPU float32 in torch's default layout. On CUDA (`Compute`)
-the images stay on the GPU as uint8, the network and its inputs are
-channels_last, the forward runs under autocast (--precision fp16, with a
-gradient scaler, or bf16) and Adam is the fused kernel. There the bitwise
+Arithmetic: on the CPU float32 in torch's default layout. Adam is torch's fused
+kernel wherever torch has one (`_adam`). On CUDA (`Compute`) the images stay on
+the GPU as uint8, the network and its inputs are channels_last and the forward
+runs under autocast (--precision fp16, with a gradient scaler, or bf16). There the bitwise
 claim holds only with cudnn.benchmark off (`train_classifier` pins it) and
 torch.use_deterministic_algorithms(True), and is not guaranteed even then:
 cuDNN backward uses atomics and adaptive_avg_pool2d's backward (in all three
@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from meddap.classify.networks import (Arch, InitialState, build_network, obtain_initial_state,
+from meddap.classify.networks import (Arch, InitialState, network_from_state, obtain_initial_state,
                                       parse_arch)
 from meddap.data.datasets import ImageSet, load_rgb, resolve_images, resolve_training_images
 from meddap.device import DEVICE_HELP, check_device_name, pin_cudnn, resolve_device, resolve_dtype
@@ -97,6 +97,17 @@ class Precision(Enum):
 # longer (pixels), on a GPU far shorter (raise it there). A kill redoes at most 2 epochs;
 # SIGTERM and SIGINT save at once, whatever this is.
 CHECKPOINT_EVERY = 3
+
+
+def _adam(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel (one pass over all tensors) wherever this torch has it:
+    CUDA, and the CPU from torch 2.4 on; torch's default loop elsewhere. Same update rule;
+    measured on the 2-core AVX-512 CPU, resnet34 (21.8M parameters): a step took 14 ms fused,
+    48 ms with the default, a fifth of a training step at batch 16 and 48 px."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except RuntimeError:                # "fused=True requires ... supported devices" (torch 2.3 on the CPU)
+        return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -398,14 +409,11 @@ def train_classifier(cfg: TrainConfig) -> dict:
     init: InitialState = obtain_initial_state(cfg.init or out / "init.pt", cfg.arch,
                                               train.classes, cfg.seed, cfg.weights_dir)
     print(f"classify: {cfg.arch.value}, classes {train.classes}, {init.describe()}")
-    model = build_network(cfg.arch, len(train.classes))
-    model.load_state_dict(init.state_dict, strict=True)
+    model = network_from_state(cfg.arch, len(train.classes), init.state_dict)
     model.to(device, memory_format=compute.memory_format)
 
-    # 3. optimiser (Adam, as released; the fused kernel on CUDA), the gradient scaler of fp16
-    #    autocast, resume
-    fused = True if device.type == "cuda" else None                # None: torch's CPU default
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused)
+    # 3. optimiser (Adam, as released), the gradient scaler of fp16 autocast, resume
+    optimizer = _adam(model, cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=compute.autocast is torch.float16)
     torch.manual_seed(cfg.seed)
     start, best_acc, best_epoch, rows, partial = 0, -1.0, -1, [], None
