@@ -245,3 +245,11 @@ def test_old_and_new_names_of_one_cell_are_refused(tmp_path):
     (tmp_path / "cells" / "resnet34" / "real" / "fold0.json").write_text(json.dumps(old))
     (tmp_path / "cells" / "resnet34" / "real" / "fold0_seed0.json").unlink()
     assert load_cells(tmp_path) == [cell]                    # read as augment none, seed 0
+
+
+def test_one_run_per_condition_prints_no_spread(tmp_path):
+    """One fold and one seed: no std exists, and the tables show the values alone (no '± nan')."""
+    cells = [_cell("real", 0, 0, 0.8, [1, 1, 1, 1, 0], ece=0.2), _cell("dark_100", 0, 0, 0.6, [1, 1, 1, 0, 0], ece=0.1)]
+    assert main(["tables", str(_write(tmp_path / "res", cells)), "--out", str(tmp_path / "t")]) == 0
+    md = (tmp_path / "t" / "tables.md").read_text()
+    assert "nan" not in md and "0.4000 |" in md and "0.2000 |" in md       # Brier = 2 ECE in _cell

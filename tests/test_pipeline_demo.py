@@ -3,13 +3,13 @@ resumes the adapters where the checkpoint left them, finishes, writes every outp
 the adaptation check holds: a classifier trained on the real phantoms recognises the
 adapted synthetic images (>= 50%, 3 classes) but not the unadapted base's (near chance).
 
-The bars are the fast variant's own (its LoRA run is 8x shorter than the full demo's). On
-the shipped base (shapes and grey fields) seed 0 gave 58.9% adapted and 32.8% unadapted
-(60 images per class, 2-core AVX-512 machine); on the previous base seeds 0, 1 and 2 gave
-70.6%, 63.9% and 59.4% adapted and 32.2%, 36.1% and 28.9% unadapted. 50% is 9 points under
-seed 0's figure, and a classifier at chance (1/3) reaches it on 180 images with probability
-3e-6 (binomial tail), so passing says the adapters carry the class; the unadapted check's
-99.9% chance interval on 180 images is 22-45%, inside the +-15 points."""
+The bars are the fast variant's own (its LoRA run is half the full demo's). On the shipped
+base (8 GroupNorm groups in the UNet) seed 0 gave 65.2% adapted and 30.4% unadapted (45
+images per class, 2-core AVX-512 machine; seeds 1 and 2: see README); on the previous base
+seed 0 gave 58.9% and 32.8%. 50% is 15 points under seed 0's figure, and a classifier at
+chance (1/3) reaches it on 135 images with probability 3e-5 (binomial tail), so passing says
+the adapters carry the class; the unadapted check's 99.9% chance interval on 135 images is
+21-47%, inside the +-15 points."""
 import json
 import re
 import subprocess

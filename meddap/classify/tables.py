@@ -123,6 +123,11 @@ def _fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.2f}" + ("" if std != std else f" ± {100 * std:.2f}")
 
 
+def _fmt_brier(mean: float, std: float) -> str:
+    """As `_fmt`, unscaled: the Brier score is not a percentage (one run: no ± part)."""
+    return f"{mean:.4f}" + ("" if std != std else f" ± {std:.4f}")
+
+
 def _fmt_p(p: float) -> str:
     return "n/a" if p != p else f"{p:.4g}"
 
@@ -245,7 +250,7 @@ def _metrics_md(rows: list[dict], title: str, metric: str) -> str:
         line = [r["network"], r["condition"]] + [_fmt(r[m], r[m + "_std"]) for m in METRIC_NAMES]
         if calibrated:
             line += [_fmt(r["ece"], r["ece_std"]) if "ece" in r else "",
-                     f"{r['brier']:.4f} ± {r['brier_std']:.4f}" if "brier" in r else ""]
+                     _fmt_brier(r["brier"], r["brier_std"]) if "brier" in r else ""]
         line += [_fmt_p(r[f"p_paired_{metric}"]) if "test_paired" in r else "",
                  _fmt_p(r[f"p_corrected_{metric}"]) if "test_corrected" in r else "",
                  holm_txt]
