@@ -281,7 +281,7 @@ def test_hostile_classifier_init_file(tmp_path, phantoms, capsys):
 RUN_CASES = [
     ("guidance = 10.0", "guidance = nan", r"\[generate\] guidance = nan is not a finite number"),
     ("ratios = [0.5]", "ratios = [inf]", r"\[generate\] ratios = \[inf\] has the entry inf"),
-    ("epochs = 29 ", "max_steps = -1\nepochs = 29 ", r"\[lora\] max_steps = -1 must be at least 1"),
+    ("lr = 6e-3\n", "lr = 6e-3\nmax_steps = -1\n", r"\[lora\] max_steps = -1 must be at least 1"),
     ("rank = 16", "rank = 16\nalpha = -2", r"\[lora\] alpha = -2 must be a finite number above 0"),
     ("seed = 0                           # the demo", "seed = -1  # the demo",
      r"\[lora\] seed = -1 must be at least 0"),
