@@ -22,8 +22,9 @@ from meddap.pipeline.config import load_config
 
 ADAPTED_MIN = 0.50          # far above chance (see the docstring)
 CHANCE_MARGIN = 0.15        # "near chance": within 15 points of 1/k
-RUN_TIMEOUT = 2400          # s: over 5x the 446 s the fast demo took on one thread (the
-                            # suite's pytest-xdist workers; 272 s on two), 2-core AVX-512
+RUN_TIMEOUT = 2400          # s: over 5x the 446 s the previous fast demo took on one thread
+                            # (the suite's pytest-xdist workers) on a slower 2-core AVX-512
+                            # machine; this one: 152 s for the whole test, 2-core AVX-512 + AMX
 
 CLASSES = ("benign", "malignant", "normal")
 
