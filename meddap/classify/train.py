@@ -314,12 +314,10 @@ def augment_batch(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor
 # ---------------------------------------------------------------- helpers
 
 @torch.no_grad()
-@torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int, compute: Compute
             ) -> torch.Tensor:
     """Class logits (N, k) float32 on the device of uint8 images (N, 3, S, S) (on the
-    device already, or copied batch by batch), model in eval mode. No autograd graph is
-    kept (the logits are evaluated, never differentiated)."""
+    device already, or copied batch by batch), model in eval mode."""
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = compute.inputs(images[i:i + batch_size].to(compute.device))     # (B, 3, S, S)
