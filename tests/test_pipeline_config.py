@@ -162,5 +162,6 @@ def test_the_check_stage_holds_one_model_at_a_time(tmp_path, monkeypatch):
     cfg = config_from_dict({"lora": {"checkpoint": TINY}, "generate": {"check_images": 1}})
     ctx = pipeline_run.Context(cfg=cfg, out=tmp_path, checkpoint=tmp_path / "sd.safetensors", base_sha256="0")
     lora = pipeline_run.Adapter(path=tmp_path / "lora.safetensors", sha256="1")
-    assert pipeline_run.stage_check(ctx, ["benign"], lora, work=True) is None     # nothing written: not finished
+    split = pipeline_run.Split(path=str(tmp_path / "split.json"), sha256="2")
+    assert pipeline_run.stage_check(ctx, ["benign"], split, lora, work=True) is None  # nothing written: not finished
     assert loaded == [0, 0]

@@ -69,9 +69,10 @@ def _demo(args) -> int:
 
     report = owned_run(load_config("demo-fast" if args.fast else "demo"), args.out, args.force)
     check = json.loads((Path(args.out) / "fold0" / "classify" / "summary.json").read_text())["check"]
+    sets = {"adapted": "the images of the adapted base", "base": "the images of the unadapted base",
+            "reconstructed": "the real test phantoms passed through the base's autoencoder (the reference)"}
     for key, value in sorted(check.items()):
         net, kind = key.split("/")
-        print(f"meddap demo: {net} trained on the real phantoms classifies the images of the "
-              f"{'adapted' if kind == 'adapted' else 'unadapted'} base at {value['accuracy']:.1%}")
+        print(f"meddap demo: {net} trained on the real phantoms classifies {sets[kind]} at {value['accuracy']:.1%}")
     print(f"meddap demo: see {report}")
     return 0

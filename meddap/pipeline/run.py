@@ -8,7 +8,9 @@
 4. expand    per adjective: int(count x ratio) images per class and ratio, from the adapted
              base (OUT/fold{k}/synthetic/{adjective}/ratio_{r}/train/{class}; `meddap expand`);
 5. check     (generate.check_images > 0, fold 0) the same prompts and seeds with and
-             without the adapters: OUT/synthetic/{class}, OUT/synthetic_base/{class};
+             without the adapters: OUT/synthetic/{class}, OUT/synthetic_base/{class}; and
+             the reference: fold 0's real test images through the base's autoencoder
+             (OUT/reconstructed/{class}), what the decoder can draw of a real image;
 6. fid       FID/KID and precision/recall/density/coverage of each synthetic set vs the fold's
              real training images, or the pixel substitute, NOT FID, when the FID Inception
              weights are absent (`meddap fid`); memorisation: each synthetic image's nearest
@@ -106,7 +108,7 @@ class Synthetic:
 
 @dataclass(frozen=True)
 class Check:
-    folders: dict              # "adapted" | "base" -> folder of class folders
+    folders: dict              # "adapted" | "base" | "reconstructed" -> folder of class folders
     sha256: str
 
 
@@ -259,11 +261,13 @@ def stage_expand(ctx: Context, split: Split, fold: int, lora: Adapter, work: boo
     return Synthetic(folders=folders, sha256=st.outputs_sha256)
 
 
-def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> Check | None:
+def stage_check(ctx: Context, classes: list[str], split: Split, lora: Adapter, work: bool) -> Check | None:
     """The adaptation check of the demo: the same prompts and seeds through the adapted
     base (OUT/synthetic/{class}) and the base alone (OUT/synthetic_base/{class}), written
     by the one generation path of `meddap sample`, chunk k by rank k mod N; one model is
-    held at a time. Rank 0 merges the ranks' manifest lines and finishes."""
+    held at a time. Rank 0 merges the ranks' manifest lines, writes the reference set
+    (OUT/reconstructed/{class}, `write_reconstructions`) and finishes."""
+    from meddap.data.datasets import resolve_images
     from meddap.data.prompts import prompt_for
     from meddap.io import read_jsonl, write_text_atomic
     from meddap.sampling.generation import GenerationConfig, ImageJob, load_model, write_images
@@ -271,8 +275,10 @@ def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> 
 
     g, ranks = ctx.cfg.generate, ctx.ranks
     gen = stage_config(GenerationConfig, g)
-    folders = {"adapted": ctx.out / "synthetic", "base": ctx.out / "synthetic_base"}
-    inputs = {"generate": ctx.cfg.section_dict("generate"), "lora_sha256": lora.sha256, "classes": classes}
+    generated = {"adapted": ctx.out / "synthetic", "base": ctx.out / "synthetic_base"}
+    folders = {**generated, "reconstructed": ctx.out / "reconstructed"}
+    inputs = {"generate": ctx.cfg.section_dict("generate"), "lora_sha256": lora.sha256, "classes": classes,
+              "split_sha256": split.sha256}
     st = Stage(ctx.out / "check", "check", inputs, _log, owns=tuple(folders.values()), prepare=False)
     if work:                          # rank 0 empties stale folders before any rank samples into them
         if ranks.is_main:
@@ -284,7 +290,7 @@ def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> 
         jobs = [ImageJob(file=f"{cls}/{cls}_{i:04d}.png", prompt=prompt_for(cls, as_released=g.as_released),
                          seed=image_seed(ctx.cfg.run.seed * 7 + c, i), meta={"class": cls, "index": i})
                 for c, cls in enumerate(classes) for i in range(g.check_images)]
-        for kind, folder in folders.items():
+        for kind, folder in generated.items():
             _log(f"check: {len(jobs)} images from the {kind} model")
             sd = load_model(str(ctx.checkpoint), str(lora.path) if kind == "adapted" else None,
                             device=gen.device, dtype=gen.dtype)
@@ -294,7 +300,7 @@ def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> 
         ranks.barrier("check")
         if not ranks.is_main:
             return None
-        for folder in folders.values():
+        for folder in generated.values():
             rows = {r["file"]: r for p in sorted(folder.glob("manifest.rank*.jsonl")) for r in read_jsonl(p)}
             if any(j.file not in rows for j in jobs):
                 return None                 # a shard's chunks are still missing
@@ -302,8 +308,45 @@ def stage_check(ctx: Context, classes: list[str], lora: Adapter, work: bool) -> 
                               "".join(json.dumps(rows[j.file], sort_keys=True) + "\n" for j in jobs))
             for p in folder.glob("manifest.rank*.jsonl"):
                 p.unlink()
+        test = resolve_images(f"{split.path}:0:test")
+        _log(f"check: {len(test.items)} real test images through the base's autoencoder")
+        sd = load_model(str(ctx.checkpoint), device=gen.device, dtype=gen.dtype)
+        write_reconstructions(sd, test, folders["reconstructed"], g.height, g.width, quiet=g.quiet)
+        del sd
         st.finish({"sha256": {k: tree_sha256(f) for k, f in folders.items()}})
     return Check(folders={k: str(f) for k, f in folders.items()}, sha256=json_sha256(st.record["sha256"]))
+
+
+def write_reconstructions(sd, images, out: Path, height: int, width: int, quiet: bool = False) -> None:
+    """The check's reference set: each image x of `images` (an ImageSet), resized (bilinear) to
+    cover height x width and center-cropped, as D(mean of q(z | x)), in OUT/{class}/{stem}.png
+    with its source's name and SHA-256 (PNG text and OUT/manifest.jsonl).
+
+    Every sample of the base is a decoded latent, so it shows no more of an image than the
+    decoder can draw: the real-only network's accuracy on this set is the reference for the
+    check's adapted images. It is not a strict bound: guidance can make a sample more typical
+    of its class than a real image. Decoded one image at a time, in order, so the bytes do not
+    depend on the number of images."""
+    import torch
+    import torchvision.transforms.functional as TF
+
+    from meddap.data.datasets import load_rgb
+    from meddap.io import write_text_atomic
+    from meddap.progress import progress
+    from meddap.sampling.generation import write_image_file
+    from meddap.sampling.text_to_image import latents_to_images
+
+    lines = []
+    for item in progress(images.items, desc="reconstruct", enabled=not quiet):
+        img = TF.center_crop(TF.resize(load_rgb(item.path), max(height, width),
+                                       interpolation=TF.InterpolationMode.BILINEAR), [height, width])
+        x = (TF.pil_to_tensor(img)[None].to(sd.device, sd.dtype) / 255 - 0.5) / 0.5  # (1, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            mean, _ = sd.vae.encode(x)                                            # (1, 4, H/8, W/8)
+        meta = {"class": item.label, "source": item.path.name, "source_sha256": sha256_file(item.path)}
+        image = latents_to_images(sd, sd.vae.scale * mean)[0]                    # D(mean), RGB uint8
+        lines.append(write_image_file(out, f"{item.label}/{item.path.stem}.png", image, meta))
+    write_text_atomic(out / "manifest.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
 
 
 # ---------------------------------------------------------------- 6. FID / KID
@@ -492,7 +535,7 @@ def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic
             for kind, folder in check.folders.items():
                 r = evaluate(real_only[arch], folder, device=ctx.cfg.classify.device)
                 result["check"][f"{arch.value}/{kind}"] = {"accuracy": r["accuracy"], "confusion": r["confusion"],
-                                                           "classes": r["model_classes"]}
+                                                           "classes": r["model_classes"], "n": r["n"]}
     write_json_atomic(fold_dir / "classify" / "summary.json", result)
     st.finish({"result": result})
     return result
@@ -615,8 +658,8 @@ def _stages(ctx: Context, t0: float) -> Path | None:
     check = None
     if g.check_images:
         with ranks.step("check"):
-            stage_check(ctx, classes, loras[0], work=True)
-        check = _ready(stage_check(ctx, classes, loras[0], work=False), "check")
+            stage_check(ctx, classes, split, loras[0], work=True)
+        check = _ready(stage_check(ctx, classes, split, loras[0], work=False), "check")
 
     top = max(g.ratios)
     fid_sets, fid_inputs = {}, {}

@@ -189,7 +189,7 @@ def _kept_line(out: Path, file: str, row: dict | None, want: dict) -> dict | Non
     return row
 
 
-def _write_file(out: Path, file: str, image, meta: dict) -> dict:
+def write_image_file(out: Path, file: str, image, meta: dict) -> dict:
     """Write OUT/file (atomically) and return its manifest line, hashed from the bytes on disk."""
     from meddap.io import sha256_file
     from meddap.sampling.text_to_image import write_png
@@ -264,7 +264,7 @@ def write_images(sd, cfg: GenerationConfig, jobs: Sequence[ImageJob], out: str |
                 for job, result in zip(chunk, images):
                     if job.file not in entries:
                         meta = {**result.metadata, **extra, **job.meta}
-                        entries[job.file] = (writers.submit(_write_file, out, job.file, result.image, meta),
+                        entries[job.file] = (writers.submit(write_image_file, out, job.file, result.image, meta),
                                              "new")
             if previous is not None:
                 finish(*previous)                   # written while this chunk sampled
