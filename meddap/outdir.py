@@ -2,8 +2,10 @@
 and output files, which must not name a folder (`check_output_file`).
 
 Every command that writes an output folder enters it with `owned_output`:
-take the lock, claim the folder, and (as the lock's first holder) remove the
-temporaries that killed writes left behind.
+take the lock; as the lock's first holder, claim the folder, remove the
+temporaries that killed writes left behind and say "ready"; as a later holder
+(another process of the same job), wait for that "ready" and only then check
+the claim and write.
 
 Marker. `claim_folder` writes `.meddap.json` into a folder that is new or
 empty: {"command", "config_sha256", "version", "created"}. meddap writes only
@@ -18,6 +20,7 @@ Lock. `folder_lock` holds `.meddap.lock` while a command writes in the
 folder, so two runs never interleave their files. The lock file is a small
 log of JSON lines, one per event:
     {"event": "enter", "host", "pid", "started", "job_id"}
+    {"event": "ready", "host", "pid"}      the first holder has claimed and cleaned the folder
     {"event": "leave", "host", "pid"}
 The first process creates it (open with O_CREAT | O_EXCL, atomic). Its
 holders are the processes that entered and have not left. Another process
@@ -57,6 +60,8 @@ LOCK = ".meddap.lock"
 _SHOWN_FILES = 3            # foreign files named in a refusal
 _READ_RETRIES = 100         # 10 ms apart: a creator writes its line right after creating the file
 _ENTER_TRIES = 100          # each try loses only to another process entering or leaving meanwhile
+_READY_POLL_S = 0.02        # a later holder's wait for the first holder's "ready"
+_READY_TIMEOUT_S = 600.0    # for first holders on another host, whose death cannot be seen
 FORCE_HELP = "adopt a folder that another meddap command created"
 
 
@@ -200,6 +205,31 @@ def _enter(path: Path, me: dict) -> tuple[bool, dict | None]:
                       f"processes are starting and ending in {path.parent} right now. Try again.")
 
 
+def _announce_ready(lock: FolderLock) -> None:
+    """As the first holder: the folder is claimed and cleaned; partners may write now."""
+    _write_line(os.open(lock.path, os.O_WRONLY | os.O_APPEND),
+                {"event": "ready", "host": socket.gethostname(), "pid": os.getpid()})
+
+
+def _wait_ready(lock: FolderLock) -> None:
+    """As a later holder: return once the lock's log holds a "ready" line. Raise if the
+    holders that entered before us all left (or died) without one: the job's first
+    process stopped before it claimed the folder, and its own message says why."""
+    me = (socket.gethostname(), os.getpid())
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while True:
+        log = _read_log(lock.path) or []
+        if any(e["event"] == "ready" for e in log):
+            return
+        entered = [_key(e) for e in log if e["event"] == "enter"]
+        earlier = set(entered[:entered.index(me)]) if me in entered else set()
+        if not any(_key(h) in earlier and _alive(h) for h in _holders(log)) or time.monotonic() > deadline:
+            raise MeddapError(f"output folder {lock.folder}: the first process of this job (lock "
+                              f"{lock.path}) stopped before it claimed the folder; its own message says "
+                              f"why. Nothing was written by this process.")
+        time.sleep(_READY_POLL_S)
+
+
 def _leave(path: Path, me: dict) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -237,7 +267,7 @@ def _read_log(path: Path) -> list[dict] | None:
                 event = json.loads(line)
             except ValueError:
                 event = None
-            if not (isinstance(event, dict) and event.get("event") in ("enter", "leave")
+            if not (isinstance(event, dict) and event.get("event") in ("enter", "ready", "leave")
                     and isinstance(event.get("pid"), int) and isinstance(event.get("host"), str)):
                 raise MeddapError(f"lock file {path} is damaged (line {line[:80]!r}); if no meddap "
                                   f"process is writing in {path.parent}, remove it.")
@@ -316,20 +346,26 @@ def owned_output(folder: str | os.PathLike, command: str, config_sha256: str = "
 
     1. take its lock (`folder_lock`: refused at once while another process
        writes there; `job_id` shares it among one job's processes);
-    2. claim it (`claim_folder`: refused when another command or no meddap
-       command made it; `force` adopts another command's folder);
-    3. as the first holder, remove the temporaries of killed writes
-       (`meddap.io.clean_stale_temporaries`); a later holder of the same job
-       leaves them, they may be its partners' writes in progress.
+    2. as the first holder: claim it (`claim_folder`: refused when another
+       command or no meddap command made it; `force` adopts another command's
+       folder), remove the temporaries of killed writes
+       (`meddap.io.clean_stale_temporaries`), then say "ready" in the lock;
+    3. as a later holder of the same job: wait for that "ready", then check the
+       claim (the marker is there by then, so nothing is written). Before, a
+       later holder could write the marker while the first one cleaned, and
+       lose its temporary to the cleaning.
     A block that fails before writing anything leaves no trace: the marker it
     wrote is removed, and the folder too when this call made it.
     """
     made = not Path(folder).exists()
     try:
         with folder_lock(folder, job_id) as lock:
+            if not lock.first:
+                _wait_ready(lock)
             claim = claim_folder(lock.folder, command, config_sha256, force)
             if lock.first:
                 clean_stale_temporaries(lock.folder)
+                _announce_ready(lock)
             try:
                 yield claim
             except BaseException:

@@ -259,6 +259,61 @@ def test_same_job_id_shares_the_lock_and_the_last_one_out_removes_it(tmp_path):
     assert not (out / LOCK).exists()
 
 
+def _owned_in_thread(out, job):
+    """owned_output(out, "sample", job_id=job) in a thread: (thread, what it got: claim or error)."""
+    import threading
+    got = {}
+
+    def enter():
+        try:
+            with owned_output(out, "sample", SHA_A, job_id=job) as claim:
+                got["claim"] = claim
+        except MeddapError as e:
+            got["error"] = str(e)
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    return thread, got
+
+
+def test_a_later_holder_of_the_job_writes_nothing_before_the_first_says_ready(tmp_path):
+    """The first holder claims and cleans, then says "ready"; a partner that entered meanwhile
+    waits for it, so the first holder's cleaning can never remove the partner's marker write
+    (a torchrun rank once failed with "No such file or directory: ..meddap.json.<hex>.tmp")."""
+    out = tmp_path / "out"
+    (tmp_path / "go").touch()
+    proc = _holder(tmp_path, out, job="run-7")             # the first holder, still preparing
+    assert proc.stdout.readline().strip() == "entered 1"
+    thread, got = _owned_in_thread(out, "run-7")
+    time.sleep(0.5)
+    assert thread.is_alive() and not got                  # waiting ...
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]  # ... having written nothing
+    claim_folder(out, "sample", SHA_A)                      # the first holder's claim, then "ready"
+    with open(out / LOCK, "a") as f:
+        f.write(json.dumps({"event": "ready", "host": socket.gethostname(), "pid": proc.pid}) + "\n")
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not got["claim"].created, got
+    (tmp_path / "stop").touch()
+    proc.wait(timeout=60)
+    assert not (out / LOCK).exists()
+
+
+def test_a_later_holder_stops_when_the_first_leaves_without_ready(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "go").touch()
+    proc = _holder(tmp_path, out, job="run-7")
+    assert proc.stdout.readline().strip() == "entered 1"
+    thread, got = _owned_in_thread(out, "run-7")
+    time.sleep(0.3)
+    (tmp_path / "stop").touch()                             # the first holder leaves, never ready
+    proc.wait(timeout=60)
+    thread.join(timeout=60)
+    assert re.fullmatch(rf"output folder {re.escape(str(out))}: the first process of this job \(lock "
+                        rf"{re.escape(str(out / LOCK))}\) stopped before it claimed the folder; its own "
+                        rf"message says why\. Nothing was written by this process\.", got["error"]), got
+    assert not (out / MARKER).exists() and not (out / LOCK).exists()
+
+
 def test_reentry_by_the_holder_and_other_hosts_count_as_alive(tmp_path):
     with folder_lock(tmp_path) as outer:
         with folder_lock(tmp_path) as inner:                # e.g. `meddap run` calling a stage
