@@ -6,21 +6,30 @@ hidden state after the final LayerNorm*, all 77 positions, not on CLIP's
 pooled, projected text feature. So this module stops at `ln_final` and has
 no `text_projection` (SD v1 files do not carry one).
 
-The transformer blocks are open_clip's (`open_clip.transformer.Transformer`:
-pre-LayerNorm residual blocks, `nn.MultiheadAttention` with a fused q/k/v
-`in_proj`, a QuickGELU MLP), so our parameter names are open_clip's. SD v1
+The transformer blocks below are written as open_clip's are
+(`open_clip.transformer.Transformer`: pre-LayerNorm residual blocks,
+`nn.MultiheadAttention` with a fused q/k/v `in_proj`, a QuickGELU MLP), with
+the same module paths, so our parameter names are open_clip's. SD v1
 checkpoints store the same weights under Hugging Face `CLIPTextModel` names;
 `hf_to_open_clip` / `open_clip_to_hf` below are the one name map of the
 project (STYLE.md habit 1), tested in both directions.
+
+Of open_clip we use its tokenizer and vocabulary file only, and load its
+`tokenizer.py` alone (`_open_clip_tokenizer`): `import open_clip.<anything>`
+first runs the package's `__init__`, which imports torchvision and, where it
+is installed, transformers. That cost 2.2 s per process on a 2-core AMD EPYC
+(AVX-512), 65% of what loading SD's modules took, and every meddap command
+and test subprocess paid it.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 
 from meddap.models.config import TextConfig
 
@@ -33,16 +42,29 @@ END_OF_TEXT = 49407
 # openai/clip-vit-large-patch14 does (pad_token "<|endoftext|>").
 # Note: open_clip's own tokenizer pads with 0; SD v1 never saw that.
 PAD = END_OF_TEXT
-# QuickGELU(x) = x * sigmoid(1.702 x), OpenAI CLIP's activation (openai/CLIP clip/model.py);
-# `open_clip.transformer.QuickGELU` implements exactly that formula.
-ACTIVATION = QuickGELU
 
 
 @functools.lru_cache(maxsize=1)
-def _bpe() -> SimpleTokenizer:
-    """open_clip's BPE over its shipped vocabulary; text is cleaned (ftfy, html
-    unescape, whitespace) and lower-cased, as OpenAI CLIP does."""
-    return SimpleTokenizer(context_length=None)
+def _open_clip_tokenizer():
+    """open_clip's `tokenizer.py`, executed as a module of its own (it has no relative
+    imports), without running the `open_clip` package's `__init__`: `find_spec` of a
+    top-level package only locates it. Its `default_bpe()` finds the vocabulary file
+    next to the module file, as when imported normally."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is not installed; pip install open-clip-torch (a meddap dependency)")
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("meddap.models._open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    """open_clip's BPE (`SimpleTokenizer`) over its shipped vocabulary; text is cleaned
+    (ftfy, html unescape, whitespace) and lower-cased, as OpenAI CLIP does."""
+    return _open_clip_tokenizer().SimpleTokenizer(context_length=None)
 
 
 def tokenize_with_dropped(texts: list[str], context_length: int = 77
@@ -72,6 +94,47 @@ def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
     return tokenize_with_dropped(texts, context_length)[0]
 
 
+class QuickGELU(nn.Module):
+    """QuickGELU(x) = x * sigmoid(1.702 x), OpenAI CLIP's activation (openai/CLIP clip/model.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm block (open_clip `ResidualAttentionBlock`, no layer scale), x: (B, L, D):
+
+    x = x + attn(ln_1(x), mask)          nn.MultiheadAttention, fused q/k/v `in_proj`
+    x = x + c_proj(QuickGELU(c_fc(ln_2(x))))    MLP width 4D
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)             # eps 1e-5, as CLIP's layer_norm_eps
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()),
+                                              ("c_proj", nn.Linear(4 * width, width))]))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask.to(x.dtype))[0]   # (B, L, D)
+        return x + self.mlp(self.ln_2(x))                                                # (B, L, D)
+
+
+class Transformer(nn.Module):
+    """`layers` ResidualAttentionBlocks in sequence, at the module paths `resblocks.{i}` (open_clip's)."""
+
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
+
+
 class TextEncoder(nn.Module):
     """CLIP text transformer: tokens (B, 77) -> hidden states (B, 77, width).
 
@@ -84,12 +147,17 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # Built under torch.device("meta") (the strict loader's build), there is nothing to draw,
+        # and torch's `meta` kernel of normal_ imports torch._dynamo: about 1 s per process.
+        # So on meta the embedding gets an empty weight and neither init runs.
+        on_meta = torch.empty(0).is_meta
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.width) if on_meta else None)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(width=cfg.width, layers=cfg.layers, heads=cfg.heads,
-                                       mlp_ratio=4.0, act_layer=ACTIVATION, norm_layer=LayerNorm)
-        self.ln_final = LayerNorm(cfg.width)        # eps 1e-5, as CLIP's layer_norm_eps
-        self.reset_parameters()
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.ln_final = nn.LayerNorm(cfg.width)     # eps 1e-5, as CLIP's layer_norm_eps
+        if not on_meta:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Random weights at CLIP's initial scales (open_clip `TextTransformer.init_parameters`)."""
