@@ -229,7 +229,7 @@ class Bench:
         inject_lora(sd.unet, adapters.rank, adapters.alpha, adapters.targets, generator=rng)
         params = lora_parameters(sd.unet)
         images = TrainImages(resolve_training_images(str(self.image_folder)), size, show_progress=False)
-        contexts = images.embed_prompts(sd.text_encoder, as_released=False)      # (n_classes, 77, C)
+        contexts = images.embed_prompts(sd.text_encoder, as_released=False)      # (n_classes + 1, 77, C)
         if fast:
             images.cache_latents(sd.vae, show_progress=False)
         # train_lora's update: its AdamW, fused (and capturable when captured) with --fast.

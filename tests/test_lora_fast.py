@@ -21,10 +21,10 @@ from test_lora_train import adapters, assert_same_adapters, config, files, losse
 
 FAST = "meddap/lora/fast.py"
 # The fast step's only traffic: its five staged inputs (index, flip, t, η, ε), one copy each.
-STAGED_INPUTS = {("cpu->cuda", line_of(FAST, "x.copy_(staged[k], non_blocking=True)")): 5}
+STAGED_INPUTS = {("cpu->cuda", line_of(FAST, "x.copy_(staged[k], non_blocking=True)")): 6}   # index, flip, t, η, ε, row
 # Kernel-launching CUDA operators of one fast forward (+ loss-ring write) on the tiny config,
 # recorded: a change that adds kernels to the step fails here and says which ops dominate.
-FAST_FORWARD_KERNELS = 7527
+FAST_FORWARD_KERNELS = 7524    # 7527 before each row's context line was staged (no device label gather)
 
 
 def run_both(files, tmp_path, **kw):
@@ -44,6 +44,16 @@ def test_fast_equals_eager_over_50_steps(files, tmp_path):
     eager_state = torch.load(eager / "train_state.pt", weights_only=True)
     fast_state = torch.load(fast / "train_state.pt", weights_only=True)
     assert torch.equal(fast_state["rng"]["loop"], eager_state["rng"]["loop"])   # the same draws
+
+
+def test_fast_equals_eager_with_caption_dropout(files, tmp_path):
+    """The dropout draws (after ε) and each row's context line are staged like the others."""
+    eager, fast = run_both(files, tmp_path, max_steps=8, checkpoint_every=4, caption_dropout=0.5)
+    assert (fast / "log.csv").read_bytes() == (eager / "log.csv").read_bytes()
+    assert_same_adapters(adapters(fast), adapters(eager))
+    plain = tmp_path / "plain"
+    train_lora(config(files, plain, cache_latents=True, max_steps=8, checkpoint_every=4))
+    assert (plain / "log.csv").read_bytes() != (eager / "log.csv").read_bytes()   # the dropout acts
 
 
 def test_fast_with_a_short_last_batch_and_a_resume_equals_eager(files, tmp_path):

@@ -44,9 +44,10 @@ def flat(weights):
     return torch.cat([weights[k].flatten() for k in sorted(weights)])
 
 
-def test_joint_folds_equal_separate_runs(files, third, tmp_path):
-    separate = fold_configs(files, third, tmp_path / "separate")
-    joint = fold_configs(files, third, tmp_path / "joint")
+@pytest.mark.parametrize("caption_dropout", [0.0, 0.5])
+def test_joint_folds_equal_separate_runs(files, third, tmp_path, caption_dropout):
+    separate = fold_configs(files, third, tmp_path / "separate", caption_dropout=caption_dropout)
+    joint = fold_configs(files, third, tmp_path / "joint", caption_dropout=caption_dropout)
     for cfg in separate:
         train_lora(cfg)
     paths = train_lora_joint(joint)

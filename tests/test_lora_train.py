@@ -73,6 +73,7 @@ def test_defaults_are_the_papers():
     cfg = LoRARunConfig(checkpoint="x", data="y", out="z")
     assert (cfg.rank, cfg.alpha, cfg.targets, cfg.lr, cfg.epochs, cfg.batch_size, cfg.resolution,
             cfg.seed) == (4, None, "cross", 1e-4, 100, 1, 224, 42)
+    assert cfg.caption_dropout == 0.0                     # neither the paper nor the released script drops captions
     assert (train_module.ADAM_BETAS, train_module.ADAM_WEIGHT_DECAY, train_module.MAX_GRAD_NORM) == \
         ((0.9, 0.999), 1e-2, 1.0)
 
@@ -227,6 +228,7 @@ def test_help_follows_a_changed_declaration(capsys, monkeypatch):
     (["--lr", "2"], "--lr = 2 must be above 0 and at most 1 (the paper uses 1e-4)."),
     (["--max-steps", "0"], "--max-steps = 0 must be at least 1."),
     (["--seed", "-1"], "--seed = -1 must be at least 0."),
+    (["--caption-dropout", "1"], "--caption-dropout = 1 must be at least 0 and below 1 (paper: 0)."),
     (["--validate-every", "-1"], "--validate-every = -1 must be at least 0."),
     (["--device", "gpu"], "--device = 'gpu' is not a device; use cpu, cuda or cuda:N."),
     (["--mixed-precision", "fp16", "--device", "cpu"],
@@ -245,6 +247,9 @@ def test_config_file_errors_name_the_key():
     fixed = dict(checkpoint="c", data="d", out="o")
     with pytest.raises(MeddapError, match=r"^\[lora\] max_steps = 0 must be at least 1\.$"):
         from_table(LoRARunConfig, {"max_steps": 0}, "lora", **fixed)
+    with pytest.raises(MeddapError, match=r"^\[lora\] caption_dropout = -0.1 must be at least 0 and below 1"):
+        from_table(LoRARunConfig, {"caption_dropout": -0.1}, "lora", **fixed)
+    assert from_table(LoRARunConfig, {"caption_dropout": 0.1}, "lora", **fixed).caption_dropout == 0.1
     assert from_table(LoRARunConfig, {"targets": ["all"]}, "lora", **fixed).targets == "all"
     assert from_table(LoRARunConfig, {"targets": "*.attn2.to_k"}, "lora", **fixed).targets == ("*.attn2.to_k",)
     cfg = dataclasses.replace(LoRARunConfig(**fixed), mixed_precision=MixedPrecision.BF16, device="cpu")
@@ -310,3 +315,35 @@ def test_bf16_on_a_gpu_without_bf16_is_a_clear_error(files, tmp_path, monkeypatc
     with pytest.raises(MeddapError, match=r"^--mixed-precision bf16: Tesla T4 has no bfloat16 support"):
         train_lora(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt_after_the_other_draws(files):
+    """lora_inputs with caption dropout p: z_t, t and ε are those of p = 0 from the same
+    generator state (the dropout draws come last), and row b's context is τ(∅) exactly
+    where a replay of those B uniforms is below p, its class's τ(c) elsewhere."""
+    from meddap.models.stable_diffusion import load_stable_diffusion
+    from meddap.sampling.schedule import NoiseSchedule
+    from meddap.data.datasets import resolve_training_images
+
+    sd = load_stable_diffusion(files / "tiny.safetensors")
+    images = TrainImages(resolve_training_images(str(files / "square")), 64, show_progress=False)
+    contexts = images.embed_prompts(sd.text_encoder, as_released=False)   # (n_classes + 1, 77, C)
+    assert contexts.shape[0] == len(images.classes) + 1 == images.empty_row + 1
+    empty = sd.text_encoder(sd.text_encoder.tokenize([""]))[0]
+    assert torch.equal(contexts[images.empty_row], empty)
+    batch = torch.arange(len(images)).repeat(4)                           # 24 rows
+    schedule, cpu = NoiseSchedule.sd_v1(), torch.device("cpu")
+
+    def draw(p):
+        rng = torch.Generator().manual_seed(7)
+        return train_module.lora_inputs(sd.vae, schedule, images, contexts, batch, rng, cpu, p), rng
+
+    (z0, t0, eps0, c0), rng0 = draw(0.0)
+    (z, t, eps, c), rng = draw(0.5)
+    assert torch.equal(z, z0) and torch.equal(t, t0) and torch.equal(eps, eps0)
+    dropped = torch.rand(len(batch), generator=rng0) < 0.5                # the replay: p = 0 drew none
+    assert torch.equal(rng.get_state(), rng0.get_state())
+    assert 0 < dropped.sum() < len(batch)                                 # both kinds of rows occur
+    assert torch.equal(c[dropped], empty.expand(int(dropped.sum()), -1, -1))
+    assert torch.equal(c[~dropped], contexts[images.labels[batch][~dropped]])
+    assert torch.equal(c0, contexts[images.labels[batch]])               # p = 0: every row its class

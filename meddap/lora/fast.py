@@ -4,13 +4,14 @@ The fast step computes what `lora_loss` + `apply_gradients` compute, from the
 same draws, with the host out of the way:
 
 - the cached posterior moments of every image are one device tensor
-  (N, 2 flips, 2, 4, h, w), the class contexts one (n_classes, 77, C), and the
-  labels one (N,); a step gathers its rows by device indices;
+  (N, 2 flips, 2, 4, h, w), the contexts one (n_classes + 1, 77, C); a step
+  gathers its rows by device indices;
 - every random draw still comes from the run's CPU generator, in the eager
   order (per image: crop row, crop column, flip; then the posterior noise η,
-  t ~ U{0..999}, ε). The draws are written into staging buffers (pinned on a
-  GPU) and copied with non_blocking into static device inputs: these copies
-  are the step's only host->device traffic;
+  t ~ U{0..999}, ε, then any caption dropout). The draws, and each row's line
+  of the contexts (`caption_rows`, on the host), are written into staging
+  buffers (pinned on a GPU) and copied with non_blocking into static device
+  inputs: these copies are the step's only host->device traffic;
 - √ᾱ_t and √(1 − ᾱ_t) are float32 device tables indexed by the device t
   (computed in float64 and cast, so table[t] equals NoiseSchedule.q_sample's);
 - the step returns its loss as a device tensor; train_lora keeps losses in a
@@ -35,6 +36,7 @@ result; on a mismatch beyond the stated tolerance it warns and stays eager.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -77,25 +79,26 @@ def make_optimizer(params: list[torch.Tensor], lr: float, betas: tuple[float, fl
 class FastStep:
     """One training step on static buffers: `draw(batch, rng)` then `run()` -> the device loss.
 
-    images: a TrainImages with cached moments; contexts: (n_classes, 77, C) on
+    images: a TrainImages with cached moments; contexts: (n_classes + 1, 77, C) on
     `device`. `update(loss)` is the eager update (meddap.lora.train.apply_gradients
     bound to the run's parameters, optimizer and scaler), so both paths apply one rule.
     """
 
     def __init__(self, sd, schedule, images, contexts: torch.Tensor, update, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, capture: bool):
+                 device: torch.device, dtype: torch.dtype, capture: bool, caption_dropout: float = 0.0):
         self.unet, self.scale, self.update, self.dtype = sd.unet, sd.vae.scale, update, dtype
         self.num_timesteps = schedule.num_timesteps
+        from meddap.lora.train import caption_rows   # train.py imports this module: no top-level import
+        self.caption_rows = functools.partial(caption_rows, images, caption_dropout=caption_dropout)
         self.moments = torch.stack(images.moments).to(device)       # (N, 2, 2, 4, h, w)
-        self.labels = images.labels.to(device)                       # (N,)
-        self.contexts = contexts                                     # (n_classes, 77, C)
+        self.contexts = contexts                                     # (n_classes + 1, 77, C)
         # DDPM Eq. 4 coefficients, built in float64 and cast: table[t] as NoiseSchedule.q_sample.
         self.sqrt_ab = schedule.alphas_cumprod.sqrt().float().to(device)                # (T,)
         self.sqrt_one_minus_ab = (1.0 - schedule.alphas_cumprod).sqrt().float().to(device)  # (T,)
         latent = (batch_size, *self.moments.shape[3:])               # (B, 4, h, w)
         shapes = {"index": ((batch_size,), torch.long), "flip": ((batch_size,), torch.long),
                   "t": ((batch_size,), torch.long), "eta": (latent, torch.float32),
-                  "eps": (latent, torch.float32)}
+                  "eps": (latent, torch.float32), "row": ((batch_size,), torch.long)}
         # Pinned memory and events need the CUDA driver; two staging sets, so the host
         # writes one while the other's copy may still be queued.
         self.on_gpu = device.type == "cuda" and torch.cuda.is_available()
@@ -119,6 +122,7 @@ class FastStep:
         staged["eta"].copy_(torch.randn(staged["eta"].shape, generator=rng))      # η of sample_posterior
         staged["t"].copy_(torch.randint(0, self.num_timesteps, staged["t"].shape, generator=rng))
         staged["eps"].copy_(torch.randn(staged["eps"].shape, generator=rng))      # ε
+        staged["row"].copy_(self.caption_rows(batch, rng=rng))      # each row's context line
         for k, x in self.inputs.items():
             x.copy_(staged[k], non_blocking=True)   # the step's only host->device copies
         if self.on_gpu:
@@ -135,7 +139,7 @@ class FastStep:
         t = x["t"]
         z_t = (self.sqrt_ab[t].view(-1, 1, 1, 1) * z0                               # DDPM Eq. 4
                + self.sqrt_one_minus_ab[t].view(-1, 1, 1, 1) * x["eps"])            # (B, 4, h, w)
-        context = self.contexts[self.labels[x["index"]]]                            # (B, 77, C)
+        context = self.contexts[x["row"]]                                           # (B, 77, C)
         eps = self.unet(z_t.to(self.dtype), t, context)                             # (B, 4, h, w)
         return F.mse_loss(eps.float(), x["eps"])                                    # MEDDAP Eq. 1
 

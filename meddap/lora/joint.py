@@ -125,7 +125,7 @@ class Fold:
         self.params = [p for m in self.layers for p in (m.lora_down, m.lora_up)]
         self.images = TrainImages(resolve_training_images(cfg.data), cfg.resolution,
                                   show_progress=cfg.show_progress)
-        self.contexts = self.images.embed_prompts(sd.text_encoder, cfg.as_released)  # (n_classes, 77, C)
+        self.contexts = self.images.embed_prompts(sd.text_encoder, cfg.as_released)  # (n_classes + 1, 77, C)
         if cfg.cache_latents:
             self.images.cache_latents(sd.vae, show_progress=cfg.show_progress)
         update = make_update(self.params, cfg.lr, device, loss_scaling=False, fast=False)   # check_folds
@@ -171,7 +171,7 @@ def joint_step(sd, schedule, folds: list[Fold], active: list[int], device: torch
     for k in active:                                   # each fold draws from its own generator
         epochs[k], batch = folds[k].next_batch()
         inputs[k] = lora_inputs(sd.vae, schedule, folds[k].images, folds[k].contexts, batch,
-                                folds[k].rng, device)
+                                folds[k].rng, device, folds[k].cfg.caption_dropout)
     z_t, t, _, context = (torch.cat([inputs[k][j] for k in active]) for j in range(4))
     rows = torch.cat([torch.full((len(inputs[k][1]),), k) for k in active]).to(device)   # (B,)
     set_rows(sd.unet, rows)

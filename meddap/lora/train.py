@@ -23,6 +23,13 @@ uninterrupted one does. On CUDA that holds only with cudnn.benchmark off
 guaranteed even then: SDPA and cuDNN backward kernels use atomics (see
 meddap.device).
 
+Caption dropout (`caption_dropout` p, not in the paper or the released script, whose
+p is 0, the default): each row's τ(c) is replaced by the empty prompt's τ(∅) with
+probability p (drawn after ε), as SD itself was trained (10%, for classifier-free
+guidance). Without it the adapted UNet never sees ∅, so the ε(z_t, ∅) that guidance
+subtracts stays the base's, and guidance amplifies "phantom, not the base's domain"
+more than the class. A run with p = 0 draws exactly what it drew before the option.
+
 `--fast` (with --cache-latents) runs the same step on static device buffers,
 from the same draws in the same order (meddap.lora.fast); on the CPU its run
 is bit for bit the eager one, log.csv included.
@@ -79,6 +86,11 @@ def _check_lr(lr) -> str | None:
     return None if math.isfinite(lr) and 0 < lr <= 1 else "must be above 0 and at most 1 (the paper uses 1e-4)"
 
 
+def _check_fraction(p) -> str | None:
+    """A settings check: a probability in [0, 1)."""
+    return None if math.isfinite(p) and 0 <= p < 1 else "must be at least 0 and below 1 (paper: 0)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoRARunConfig(AdapterConfig):
     """One `meddap train-lora` run (or the [lora] stage of `meddap run`); the defaults
@@ -108,6 +120,10 @@ class LoRARunConfig(AdapterConfig):
     validation_steps: int = setting(30, help="sampler steps for validation images", check=at_least(1))
     as_released: bool = setting(False, help="use the released training captions "
                                             "('an ultrasound photo of X tumor in breast')")
+    caption_dropout: float = setting(0.0, help="train this fraction of rows on the empty prompt instead of "
+                                               "their caption, so that guidance's unconditional "
+                                               "prediction is adapted too (paper and released: 0)",
+                                     check=_check_fraction)
     fast: bool = setting(False, help="the fast step (meddap.lora.fast): cached latents on the device, "
                                      "draws staged to static inputs, losses logged in batches, fused "
                                      "AdamW and a CUDA graph on a GPU; self-checked against the eager "
@@ -123,7 +139,7 @@ class LoRARunConfig(AdapterConfig):
 
 # Fields that fix the arithmetic of a run; a resume must agree on all of them.
 _RESUME_FIELDS = ("rank", "alpha", "targets", "lr", "batch_size", "resolution", "seed",
-                  "mixed_precision", "cache_latents", "as_released")
+                  "mixed_precision", "cache_latents", "as_released", "caption_dropout")
 
 
 def _rng_states(rng: torch.Generator, device: torch.device) -> dict:
@@ -191,12 +207,20 @@ class TrainImages:
         """One training prompt per class (MEDDAP section 3.2, or the released caption)."""
         return [prompt_for(c, stage="train", as_released=as_released) for c in self.classes]
 
+    @property
+    def empty_row(self) -> int:
+        """The row of `embed_prompts` that holds the empty prompt's τ(∅): n_classes."""
+        return len(self.classes)
+
     @torch.no_grad()
     def embed_prompts(self, text_encoder, as_released: bool) -> torch.Tensor:
-        """τ(c) of each class's prompt, (n_classes, 77, C). The text encoder is frozen and
-        the prompt fixed per class, so embedding once is exact (this is always done)."""
+        """τ(c) of each class's prompt, then τ(∅) of the empty prompt (for caption dropout):
+        (n_classes + 1, 77, C). The text encoder is frozen and the prompts fixed, so
+        embedding once is exact (this is always done)."""
         device = next(text_encoder.parameters()).device
-        return text_encoder(text_encoder.tokenize(self.prompts(as_released)).to(device))
+        # Two calls, not one: a batch of another size may round the class rows differently.
+        classes = text_encoder(text_encoder.tokenize(self.prompts(as_released)).to(device))   # (n, 77, C)
+        return torch.cat([classes, text_encoder(text_encoder.tokenize([""]).to(device))])
 
     def _view(self, i: int, top: int, left: int, flip: bool) -> torch.Tensor:
         s = self.resolution
@@ -295,30 +319,45 @@ def write_state(out: Path, key: dict, step: int, order: torch.Tensor, params: li
     save_torch_atomic(state, out / STATE_FILE)
 
 
+def caption_rows(images: TrainImages, batch: torch.Tensor, caption_dropout: float,
+                 rng: torch.Generator) -> torch.Tensor:
+    """Each row's line of `embed_prompts`, (B,) int64 on the CPU: its class, or with
+    probability `caption_dropout` the empty prompt's. Draws B uniforms from `rng` only
+    when caption_dropout > 0."""
+    rows = images.labels[batch]                                      # (B,) class index
+    if caption_dropout > 0:                                          # caption dropout (not in the paper)
+        dropped = torch.rand(len(batch), generator=rng) < caption_dropout
+        rows = torch.where(dropped, images.empty_row, rows)
+    return rows
+
+
 def lora_inputs(vae, schedule, images: TrainImages, contexts: torch.Tensor, batch: torch.Tensor,
-                rng: torch.Generator, device: torch.device):
+                rng: torch.Generator, device: torch.device, caption_dropout: float = 0.0):
     """The UNet's inputs of MEDDAP Eq. 1 for the images `batch` (B,): (z_t, t, ε, τ(c)).
 
     Draws from `rng`, in this order: each image's crop and flip, the posterior
-    noise η, t ~ U{0..999}, then ε; all on the CPU. contexts: (n_classes, 77, C)
-    on `device`. z_t, ε: (B, 4, h, w) float32 on `device`; t: (B,) on the CPU;
-    τ(c): (B, 77, C).
+    noise η, t ~ U{0..999}, ε, then (caption_dropout > 0 only) each row's dropout;
+    all on the CPU. contexts: `embed_prompts`' (n_classes + 1, 77, C) on `device`.
+    z_t, ε: (B, 4, h, w) float32 on `device`; t: (B,) on the CPU; τ(c): (B, 77, C).
     """
     z0 = images.latents(batch, vae, rng)                            # (B, 4, h, w) float32, scaled
     t = torch.randint(0, schedule.num_timesteps, (len(batch),), generator=rng)  # t ~ U{0..999}
     noise = torch.randn(z0.shape, generator=rng).to(device)          # ε ~ N(0, I), drawn on the CPU
     z_t = schedule.q_sample(z0, t, noise)                            # (B, 4, h, w)
-    context = contexts[images.labels[batch].to(contexts.device)]     # (B, 77, C)
+    rows = caption_rows(images, batch, caption_dropout, rng)         # (B,)
+    context = contexts[rows.to(contexts.device)]                     # (B, 77, C)
     return z_t, t, noise, context
 
 
 def lora_loss(sd, schedule, images: TrainImages, contexts: torch.Tensor, batch: torch.Tensor,
-              rng: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+              rng: torch.Generator, device: torch.device, dtype: torch.dtype,
+              caption_dropout: float = 0.0) -> torch.Tensor:
     """MEDDAP Eq. 1 on the images `batch` (B,): the 0-d float32 loss on `device`.
 
     The inputs and their draws are `lora_inputs`'; the UNet runs in `dtype`, the loss in float32.
     """
-    z_t, t, noise, context = lora_inputs(sd.vae, schedule, images, contexts, batch, rng, device)
+    z_t, t, noise, context = lora_inputs(sd.vae, schedule, images, contexts, batch, rng, device,
+                                         caption_dropout)
     eps = sd.unet(z_t.to(dtype), t.to(device), context)             # (B, 4, h, w)
     return F.mse_loss(eps.float(), noise)                           # MEDDAP Eq. 1
 
@@ -358,9 +397,10 @@ class Update:
         apply_gradients(loss, self.params, self.optimizer, self.scaler)
 
     def fast_step(self, sd, schedule, images, contexts, batch_size: int, device: torch.device,
-                  dtype: torch.dtype) -> FastStep:
+                  dtype: torch.dtype, caption_dropout: float = 0.0) -> FastStep:
         """The same step on static buffers (meddap.lora.fast), applying this update."""
-        return FastStep(sd, schedule, images, contexts, self, batch_size, device, dtype, self.capture)
+        return FastStep(sd, schedule, images, contexts, self, batch_size, device, dtype, self.capture,
+                        caption_dropout)
 
 
 def make_update(params: list[torch.Tensor], lr: float, device: torch.device, loss_scaling: bool,
@@ -423,7 +463,7 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     # 4. Data: decode and resize every image now (an unreadable one stops the run
     # before anything is written), embed one prompt per class, optionally cache latents.
     images = TrainImages(image_set, cfg.resolution, show_progress=cfg.show_progress)
-    contexts = images.embed_prompts(sd.text_encoder, cfg.as_released)   # (n_classes, 77, C)
+    contexts = images.embed_prompts(sd.text_encoder, cfg.as_released)   # (n_classes + 1, 77, C)
     if cfg.cache_latents:
         images.cache_latents(sd.vae, show_progress=cfg.show_progress)
 
@@ -439,13 +479,14 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
         write_state(out, key, step, order, params, optimizer, scaler, rng, device)
 
     def eager_step(batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype)
+        loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype, cfg.caption_dropout)
         update(loss)
         return loss
 
     fast_step = None
     if cfg.fast:   # the same step on static buffers, checked against eager_step (meddap.lora.fast)
-        static = update.fast_step(sd, schedule, images, contexts, cfg.batch_size, device, dtype)
+        static = update.fast_step(sd, schedule, images, contexts, cfg.batch_size, device, dtype,
+                                  cfg.caption_dropout)
         fast_step = SelfCheckedStep(static, eager_step, params, optimizer, scaler)
 
     # 5. Loop: MEDDAP Eq. 1 on one batch per step.
