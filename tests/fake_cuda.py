@@ -30,7 +30,7 @@ What it counts, in `fc.syncs`, a Counter of (kind, where):
                raises FakeCudaValueError naming the line.
 `where` is "meddap/<file>.py:<line>", the innermost frame of the Python
 stack inside the meddap package (the line of meddap code that issued the
-call, through torch or open_clip), or "outside meddap".
+call, through torch), or "outside meddap".
 
 `fc.reset()` empties the counter (e.g. after building the inputs).
 `line_of(path, text)` gives the "meddap/...:N" of the one line containing
