@@ -188,6 +188,15 @@ def _holder(tmp_path, folder, job="", go=None):
                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
 
 
+def _entered_holder(tmp_path, job=""):
+    """A `_holder` of tmp_path/out that has taken the lock (the first holder): (out, process)."""
+    out = tmp_path / "out"
+    (tmp_path / "go").touch()
+    proc = _holder(tmp_path, out, job=job)
+    assert proc.stdout.readline().strip() == "entered 1"
+    return out, proc
+
+
 def test_two_processes_on_one_folder_exactly_one_is_refused(tmp_path):
     out = tmp_path / "out"
     procs = [_holder(tmp_path, out) for _ in range(2)]
@@ -208,10 +217,7 @@ def test_two_processes_on_one_folder_exactly_one_is_refused(tmp_path):
 
 
 def test_refused_at_once_while_held_and_free_after(tmp_path):
-    out = tmp_path / "out"
-    (tmp_path / "go").touch()
-    proc = _holder(tmp_path, out)
-    assert proc.stdout.readline().strip() == "entered 1"
+    out, proc = _entered_holder(tmp_path)
     t0 = time.monotonic()
     with pytest.raises(MeddapError, match=rf"in use by another meddap process: host .*, PID {proc.pid}, "
                                           rf"started "):
@@ -225,10 +231,7 @@ def test_refused_at_once_while_held_and_free_after(tmp_path):
 
 
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
-    out = tmp_path / "out"
-    (tmp_path / "go").touch()
-    proc = _holder(tmp_path, out)
-    assert proc.stdout.readline().strip() == "entered 1"
+    out, proc = _entered_holder(tmp_path)
     proc.kill()                                             # SIGKILL: no cleanup runs
     proc.wait(timeout=60)
     assert (out / LOCK).exists()
@@ -241,10 +244,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 
 def test_same_job_id_shares_the_lock_and_the_last_one_out_removes_it(tmp_path):
-    out = tmp_path / "out"
-    (tmp_path / "go").touch()
-    proc = _holder(tmp_path, out, job="run-7")
-    assert proc.stdout.readline().strip() == "entered 1"
+    out, proc = _entered_holder(tmp_path, "run-7")
     with pytest.raises(MeddapError, match=rf"PID {proc.pid}, started .*, job run-7\."):
         with folder_lock(out, job_id="run-8"):
             pass
@@ -280,10 +280,7 @@ def test_a_later_holder_of_the_job_writes_nothing_before_the_first_says_ready(tm
     """The first holder claims and cleans, then says "ready"; a partner that entered meanwhile
     waits for it, so the first holder's cleaning can never remove the partner's marker write
     (a torchrun rank once failed with "No such file or directory: ..meddap.json.<hex>.tmp")."""
-    out = tmp_path / "out"
-    (tmp_path / "go").touch()
-    proc = _holder(tmp_path, out, job="run-7")             # the first holder, still preparing
-    assert proc.stdout.readline().strip() == "entered 1"
+    out, proc = _entered_holder(tmp_path, "run-7")     # the first holder, still preparing
     thread, got = _owned_in_thread(out, "run-7")
     time.sleep(0.5)
     assert thread.is_alive() and not got                  # waiting ...
@@ -299,10 +296,7 @@ def test_a_later_holder_of_the_job_writes_nothing_before_the_first_says_ready(tm
 
 
 def test_a_later_holder_stops_when_the_first_leaves_without_ready(tmp_path):
-    out = tmp_path / "out"
-    (tmp_path / "go").touch()
-    proc = _holder(tmp_path, out, job="run-7")
-    assert proc.stdout.readline().strip() == "entered 1"
+    out, proc = _entered_holder(tmp_path, "run-7")
     thread, got = _owned_in_thread(out, "run-7")
     time.sleep(0.3)
     (tmp_path / "stop").touch()                             # the first holder leaves, never ready
