@@ -71,7 +71,7 @@ def class_dependence(sd, images: TrainImages, timesteps: list[int], seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="class folders or SPLIT.json:FOLD:PART (the adapters' training set)")
     p.add_argument("--checkpoint", default="weights/tiny/tiny-sd.safetensors", help="SD v1 base")
     p.add_argument("--lora", default=None, help="adapter file (none: the base alone)")

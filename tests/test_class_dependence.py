@@ -97,3 +97,6 @@ def test_command_line_writes_the_table(data, tmp_path, capsys):
     assert f"| 300 | {100 * saved['d']['300']['benign|malignant']:.2f}% |" in printed
     with pytest.raises(SystemExit):
         class_dependence.main(["--data", str(data), "--timesteps", "1000"])
+    with pytest.raises(SystemExit):
+        class_dependence.main(["--help"])
+    assert "d_t(a, b) = rms(" in capsys.readouterr().out       # --help gives the formula
