@@ -14,8 +14,10 @@ from meddap.io import stream_seed
 from meddap.models.config import SD_LATENT_SCALE
 from meddap.models.stable_diffusion import build_stable_diffusion, load_stable_diffusion
 from meddap.pretrain import shapes
+from meddap.data.prompts import prompt_for
 from meddap.pretrain.train import (UNET_STREAM, PretrainConfig, _Log, _lr, _to_tensor, calibrate_latent_scale,
-                                   pretrain_tiny, tune_decoder)
+                                   LATENT_IMAGES, pretrain_tiny, redraw_file_token_rows, redraw_unseen_token_rows,
+                                   seen_tokens, tune_decoder)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
 MEDDAP_WORDS = ("ultrasound", "tumor", "breast", "benign", "malignant", "lesion")
@@ -135,3 +137,115 @@ def test_decoder_stage_moves_the_decoder_only_and_resumes(tmp_path):
     tune_decoder(resumed, cfg, tmp_path / "b", _Log(tmp_path / "b.csv"))
     assert all(torch.equal(after[k], v) for k, v in resumed.vae.state_dict().items())
     assert (tmp_path / "b.csv").read_text() == (tmp_path / "log.csv").read_text()
+
+
+class _Tower(torch.nn.Module):
+    """What stage 3b touches of a text tower: its token embedding."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(vocab, width)
+
+
+def test_unseen_token_rows_are_draws_of_the_seen_rows_normal():
+    """Stage 3b: seen rows keep their bytes; the others are N(μ, Σ) of the seen rows, so over
+    30,000 draws their sample mean and covariance approach μ and Σ (tolerances: 6 standard
+    errors); the draw is one seeded stream."""
+    g = torch.Generator().manual_seed(1)
+    tower = _Tower(30_050, 4)
+    a = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 2.0, 0.0, 0.0], [0.0, -1.0, 0.3, 0.0], [0.2, 0.0, 0.0, 0.1]])
+    seen = torch.arange(0, 30_050, 601)                                            # 50 ids
+    with torch.no_grad():
+        tower.token_embedding.weight[seen] = torch.tensor([3.0, -1.0, 0.5, 2.0]) + torch.randn(50, 4, generator=g) @ a.T
+    before = tower.token_embedding.weight.detach().clone()
+    assert redraw_unseen_token_rows(tower, seen, seed=0) == 30_000
+    w = tower.token_embedding.weight.detach().double()
+    assert torch.equal(w[seen].float(), before[seen])
+    rows = w[torch.isin(torch.arange(30_050), seen, invert=True)]
+    mu, sigma = before[seen].double().mean(0), torch.cov(before[seen].double().T)
+    se = (sigma.diag() / 30_000).sqrt()
+    assert ((rows.mean(0) - mu).abs() <= 6 * se).all()
+    cov = torch.cov(rows.T)
+    scale = (sigma.diag()[:, None] * sigma.diag()[None, :]).sqrt()                 # |Σ_ij| <= this
+    assert ((cov - sigma).abs() <= 6 * scale * (2 / 30_000) ** 0.5).all()
+    again = _Tower(30_050, 4)
+    again.token_embedding.weight.data.copy_(before)
+    redraw_unseen_token_rows(again, seen, seed=0)
+    assert torch.equal(again.token_embedding.weight, tower.token_embedding.weight)
+    redraw_unseen_token_rows(again, seen, seed=1)
+    assert not torch.equal(again.token_embedding.weight, tower.token_embedding.weight)
+
+
+def test_with_fewer_seen_rows_than_dimensions_the_draws_stay_on_their_affine_span():
+    """Σ of 3 rows in 8 dimensions has rank 2: every draw is μ + a combination of the two
+    centred rows' directions (no jitter leaks into the other 6)."""
+    tower = _Tower(500, 8)
+    seen = torch.tensor([0, 7, 42])
+    tower.token_embedding.weight.data[seen] = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    redraw_unseen_token_rows(tower, seen, seed=0)
+    w = tower.token_embedding.weight.detach().double()
+    base = w[seen]
+    span = torch.linalg.qr((base[1:] - base[0]).T).Q                                # (8, 2)
+    off = w - base[0]
+    residual = off - off @ span @ span.T
+    assert residual.abs().max() < 1e-5
+    assert (off @ span).std(0).min() > 0.1                                         # and they do spread on it
+
+
+def test_stage_3b_alone_on_a_stage_3_file_changes_token_rows_only(tmp_path):
+    """`--redraw-tokens-of`: the token rows of a stage-3 file are redrawn from the captions its
+    metadata names (rebuilt, not stored); every other tensor keeps its bytes; the rows equal a
+    one-run pretraining's up to the fp16 rounding of the file they start from; a mismatched
+    setting or a file already redrawn is refused, naming the key."""
+    cfg = PretrainConfig(vae_steps=2, vae_batch=2, decoder_steps=2, latent_images=4, unet_steps=2,
+                         unet_batch=2, warmup_steps=1, checkpoint_every=1, size=32, vae_crop=16)
+    stage3 = pretrain_tiny(cfg, tmp_path / "work", tmp_path / "s3.safetensors")      # 3b is off by default
+    out = redraw_file_token_rows(cfg, stage3, tmp_path / "s3b.safetensors")
+    with safe_open(str(stage3), "pt") as a, safe_open(str(out), "pt") as b:
+        changed = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+        meta = b.metadata()
+        emb = b.get_tensor("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+    assert changed == ["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    assert meta["pretrain_redraw_unseen_tokens"] == "True" and meta["pretrain_unet_steps"] == "2"
+    assert int(meta["token_rows_redrawn"]) > 49_000 and "s3.safetensors (SHA-256 " in meta["token_rows_redrawn_in"]
+    whole = pretrain_tiny(replace(cfg, redraw_unseen_tokens=True), tmp_path / "work",
+                          tmp_path / "one.safetensors")                         # stages 1-3 resumed, then 3b
+    with safe_open(str(whole), "pt") as f:
+        one = f.get_tensor("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+    assert torch.allclose(one.float(), emb.float(), rtol=0.02, atol=2e-3)
+    with pytest.raises(MeddapError, match=r"metadata pretrain_latent_images = '4', but the settings say '5'"):
+        redraw_file_token_rows(replace(cfg, latent_images=5), stage3, tmp_path / "x.safetensors")
+    with pytest.raises(MeddapError, match=r"already redrawn"):
+        redraw_file_token_rows(cfg, out, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _class_context_change(text) -> float:
+    """rms(τ(benign prompt) - τ(malignant prompt)) / rms(τ(benign prompt)) over the 77 x 64 context."""
+    with torch.no_grad():
+        c = text(text.tokenize([prompt_for("benign"), prompt_for("malignant")]))
+    return float(((c[0] - c[1]).pow(2).mean() / c[0].pow(2).mean()).sqrt())
+
+
+def test_shipped_tower_is_deaf_to_the_class_words_until_stage_3b():
+    """The shipped file is without stage 3b: the rows no caption used are at their init
+    (norm about 0.16, trained rows 0.28), and the benign and malignant prompts differ by
+    under 12% of the context's rms (8.8%). Stage 3b with the recipe's seed makes the
+    unseen rows as long as the trained ones and the two prompts >= 20% apart (42.5%;
+    trained pairs such as "large"/"small": 32-42%), changing no trained row."""
+    with safe_open(str(SHIPPED), "pt") as f:
+        assert "pretrain_redraw_unseen_tokens" not in f.metadata()
+    text = load_stable_diffusion(SHIPPED).text_encoder
+    cfg = PretrainConfig()                                      # the captions of stage 3, exactly
+    captions, _ = shapes.batch(cfg.seed, LATENT_IMAGES, cfg.latent_images, cfg.size, cfg.field_fraction)
+    seen = seen_tokens({"tokens": text.tokenize(captions)}, text)
+    unseen = torch.isin(torch.arange(text.token_embedding.num_embeddings), seen, invert=True)
+    before = text.token_embedding.weight.detach().clone()
+    norms = before.norm(dim=1)
+    assert norms[unseen].mean() < 0.7 * norms[seen].mean()
+    assert _class_context_change(text) < 0.12
+    redraw_unseen_token_rows(text, seen, seed=0)
+    norms = text.token_embedding.weight.detach().norm(dim=1)
+    assert norms[unseen].mean() == pytest.approx(norms[seen].mean().item(), rel=0.1)
+    assert torch.equal(text.token_embedding.weight[seen], before[seen])
+    assert _class_context_change(text) >= 0.20

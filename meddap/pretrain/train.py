@@ -22,8 +22,30 @@ with the same modules, code paths and checkpoint layout as SD v1.4:
    z = 0.18215 x posterior sample; captions are replaced by the empty prompt with
    probability `caption_dropout` so that classifier-free guidance works (Ho &
    Salimans 2022, arXiv 2207.12598, Sec. 3.2);
+3b. (optional, off by default and in the shipped file) the token-embedding rows no
+   stage-3 caption used are redrawn from N(μ, Σ), the mean and covariance of the rows the
+   captions did use (`redraw_unseen_token_rows`);
 4. save in SD v1 checkpoint layout (safetensors, fp16), loadable by
    `meddap.models.stable_diffusion.load_stable_diffusion` like SD v1.4 itself.
+
+Stage 3b, and why it is off. SD v1.4's text tower (CLIP ViT-L/14) was trained on 400M
+captions, so every word of a MEDDAP prompt has a trained embedding. The tiny tower
+sees the ~55 tokens of the shapes captions; the other 49,350 rows stay at their init,
+N(0, 0.02^2), which the tower maps to nearly one context: the benign and malignant
+prompts differ by 8.8% (relative rms over the 77 x 64 context), trained word pairs
+("red"/"blue", "large"/"small") by 31-42%. The base is deaf to the class words, and
+USLoRA has to grow the class difference from almost nothing. Drawing the unseen rows
+from the trained rows' distribution (the "multivariate" initialisation of new
+vocabulary, Mundra et al. 2024, arXiv 2407.05841; Hewitt 2021 proposes the mean alone,
+which would make every unseen word the same vector) gives each unseen word a typical
+embedding of its own; no word is singled out and the MEDDAP words stay unseen. It
+makes the base hear the class words, and the demo's adapted check rose (seeds 0/1/2:
+86.1/82.8/81.1% against 65.0/67.8/61.7%), but the base then draws each class prompt
+its own way, and how a real-only classifier names those drawings is a lottery of the
+draw: the unadapted check went to 55.6/39.4/46.7% (over 8 draws, 18-56%; all three
+seeds <= 45% in 5 of 8), and the adapted one depends on the draw too (52.8% at seed 2
+for another draw). weights/tiny/README.md has the measurements.
+`scripts/pretrain_tiny.py --redraw-tokens-of FILE` applies it to a finished file.
 
 Every stage checkpoints into a work folder and resumes where it stopped; the
 seed fixes the data (shapes.caption_and_image(seed, k)) and all random draws.
@@ -42,7 +64,8 @@ import torch.nn.functional as F
 from meddap.errors import MeddapError
 from meddap.io import save_torch_atomic, stream_seed, truncate_log
 from meddap.models.config import SD_LATENT_SCALE
-from meddap.models.stable_diffusion import StableDiffusion, build_stable_diffusion, save_stable_diffusion
+from meddap.models.stable_diffusion import (StableDiffusion, build_stable_diffusion, load_stable_diffusion,
+                                             save_stable_diffusion)
 from meddap.pretrain import shapes
 from meddap.pretrain.evaluate import PROBE_IMAGES, noise_mean_error, probe_phantoms, vae_reconstruction
 from meddap.progress import Progress, progress
@@ -56,7 +79,9 @@ from meddap.settings import above, as_dict, at_least, in_range, multiple_of, set
 # from DECODER_IMAGES on, past every other stage's.
 UNET_STREAM = 7
 DECODER_STREAM = 5_000_000
+TOKEN_ROWS_STREAM = 6_000_000     # stage 3b's one draw
 DECODER_IMAGES = 20_000_000
+LATENT_IMAGES = 10_000_000        # stage 3's images (and captions) are samples 10M .. 10M + latent_images - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +109,8 @@ class PretrainConfig:
     warmup_steps: int = setting(50, help="linear warm-up steps of both stages", check=at_least(1))
     caption_dropout: float = setting(0.1, help="probability of the empty caption (for guidance)",
                                      check=in_range(0.0, 1.0))
+    redraw_unseen_tokens: bool = setting(False, help="stage 3b (off in the shipped file): draw the token "
+                                         "rows no caption used from N(mean, cov) of the rows the captions used")
     checkpoint_every: int = setting(50, help="steps between checkpoints in the work folder",
                                     check=at_least(1))
 
@@ -261,7 +288,7 @@ def encode_latents(sd: StableDiffusion, cfg: PretrainConfig, work: Path) -> dict
     means, logvars, tokens = [], [], []
     chunk = 64
     for start in progress(range(0, cfg.latent_images, chunk), desc="2/3 encode latents"):
-        captions, images = shapes.batch(cfg.seed, 10_000_000 + start, min(chunk, cfg.latent_images - start),
+        captions, images = shapes.batch(cfg.seed, LATENT_IMAGES + start, min(chunk, cfg.latent_images - start),
                                          cfg.size, cfg.field_fraction)
         mean, logvar = sd.vae.encode(_to_tensor(images))
         means.append(mean), logvars.append(logvar), tokens.append(sd.text_encoder.tokenize(captions))
@@ -298,6 +325,77 @@ def train_unet(sd: StableDiffusion, cfg: PretrainConfig, data: dict, work: Path,
     unet.eval(), text.eval()
 
 
+@torch.no_grad()
+def redraw_unseen_token_rows(text: torch.nn.Module, seen: torch.Tensor, seed: int) -> int:
+    """Stage 3b: every row of `text.token_embedding` whose token id is not in `seen`
+    becomes a draw of N(μ, Σ), μ and Σ the mean and covariance of the `seen` rows;
+    returns the number of rows drawn. The `seen` rows keep their bytes.
+
+    With fewer seen rows than dimensions Σ is singular; the draw μ + Q Λ^½ z
+    (Σ = Q Λ Qᵀ, eigenvalues clipped at 0, z ~ N(0, I) from stream TOKEN_ROWS_STREAM)
+    is then the degenerate normal on the seen rows' affine span, without a jitter term.
+    """
+    weight = text.token_embedding.weight                                        # (V, D)
+    unseen = torch.ones(weight.shape[0], dtype=torch.bool)
+    unseen[seen.cpu()] = False
+    rows = weight.detach().cpu().double()
+    trained = rows[~unseen]                                                     # (S, D)
+    mu, sigma = trained.mean(0), torch.cov(trained.T)                           # (D,), (D, D)
+    lam, q = torch.linalg.eigh(sigma)
+    root = q * lam.clamp(min=0).sqrt()                                          # Σ = root rootᵀ
+    gen = torch.Generator().manual_seed(stream_seed(seed, TOKEN_ROWS_STREAM))
+    z = torch.randn(int(unseen.sum()), rows.shape[1], generator=gen, dtype=torch.float64)
+    rows[unseen] = mu + z @ root.T
+    weight.copy_(rows.to(weight.dtype))
+    return int(unseen.sum())
+
+
+def seen_tokens(data: dict, text: torch.nn.Module) -> torch.Tensor:
+    """The token ids stage 3 trained: those of its captions and of the empty prompt."""
+    return torch.unique(torch.cat([data["tokens"].flatten(), text.tokenize([""]).flatten()]))
+
+
+# The settings that fix stage 3's captions, checked against a file's metadata by
+# `redraw_file_token_rows`.
+CAPTION_SETTINGS = ("seed", "size", "field_fraction", "latent_images")
+
+
+def redraw_file_token_rows(cfg: PretrainConfig, src: str | Path, out: str | Path) -> Path:
+    """Stage 3b alone, on a tiny base file made by stages 1-3 (`redraw_unseen_tokens` false,
+    as the shipped file): its stage-3 captions are rebuilt from cfg,
+    which must match the file's `pretrain_*` metadata for CAPTION_SETTINGS, and only
+    token rows change. Writes `out` with the file's metadata plus the stage's."""
+    from safetensors import safe_open
+
+    from meddap.io import sha256_file
+
+    validate(cfg)
+    src, out = Path(src), Path(out)
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata() or {})
+    for key in CAPTION_SETTINGS:
+        stored, wanted = meta.get(f"pretrain_{key}"), str(getattr(cfg, key))
+        if stored != wanted:
+            raise MeddapError(f"{src}: metadata pretrain_{key} = {stored!r}, but the settings say {wanted!r}; "
+                              f"stage 3b rebuilds the stage-3 captions from {', '.join(CAPTION_SETTINGS)} "
+                              f"and needs the values the file was trained with.")
+    if meta.get("pretrain_redraw_unseen_tokens") == "True":
+        raise MeddapError(f"{src}: its unseen token rows were already redrawn (metadata "
+                          f"pretrain_redraw_unseen_tokens = True); start from a stage-3 file.")
+    sd = load_stable_diffusion(src)
+    tokens = []
+    for start in progress(range(0, cfg.latent_images, 256), desc="3b stage-3 captions"):
+        captions, _ = shapes.batch(cfg.seed, LATENT_IMAGES + start, min(256, cfg.latent_images - start),
+                                   cfg.size, cfg.field_fraction)
+        tokens.append(sd.text_encoder.tokenize(captions))
+    n = redraw_unseen_token_rows(sd.text_encoder, seen_tokens({"tokens": torch.cat(tokens)}, sd.text_encoder),
+                                 cfg.seed)
+    meta.update(pretrain_redraw_unseen_tokens="True", token_rows_redrawn=str(n),
+                token_rows_redrawn_in=f"{src.name} (SHA-256 {sha256_file(src)})")
+    save_stable_diffusion(sd.to(torch.float16), out, metadata=meta)
+    return out
+
+
 def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Path:
     """Run stages 1-4 (each resumes from `work`) and write the fp16 checkpoint `out`."""
     validate(cfg)
@@ -314,6 +412,9 @@ def pretrain_tiny(cfg: PretrainConfig, work: str | Path, out: str | Path) -> Pat
     c = calibrate_latent_scale(sd, cfg)
     data = encode_latents(sd, cfg, work)
     train_unet(sd, cfg, data, work, log)
+    if cfg.redraw_unseen_tokens:
+        n = redraw_unseen_token_rows(sd.text_encoder, seen_tokens(data, sd.text_encoder), cfg.seed)
+        print(f"3b: {n} token rows no caption used redrawn from the trained rows' N(mean, cov)", flush=True)
     tracking = noise_mean_error(sd, probe_phantoms())
     print(f"UNet on the same phantoms' latents: noise-mean error {tracking:.3f} (1 = blind to it)", flush=True)
     sd = sd.to(torch.float16)
