@@ -37,6 +37,8 @@ def _info(args) -> int:
                   "alpha": lora.alpha, "layers": len(lora.layers()),
                   "trainable": sum(t.numel() for t in lora.tensors.values()),
                   "metadata": lora.metadata}
+        if lora.new_tokens is not None:             # text-tower rows: not UNet parameters
+            report["new_tokens"] = {"ids": lora.new_tokens[0].tolist(), "width": lora.new_tokens[1].shape[1]}
     else:
         inject_lora(unet, adapter.rank, adapter.alpha, adapter.targets)
         layers = lora_layers(unet)
@@ -54,6 +56,9 @@ def _info(args) -> int:
               f"{report['layers']} adapted linear layers")
         for k, v in report["metadata"].items():
             print(f"  {k} = {v}")
+        if "new_tokens" in report:
+            print(f"  and {len(report['new_tokens']['ids'])} new-token embedding rows for the text tower "
+                  f"({report['new_tokens']['width']} wide), token ids {report['new_tokens']['ids']}")
     else:
         print(f"{cfg.name}, targets {report['targets']}, rank {adapter.rank}, alpha {report['alpha']:g}: "
               f"{report['layers']} adapted linear layers")

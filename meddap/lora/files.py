@@ -7,6 +7,12 @@ as in the adapted UNet's state_dict,
     input_blocks.1.1.transformer_blocks.0.attn2.to_q.lora_down   (r, k)
     input_blocks.1.1.transformer_blocks.0.attn2.to_q.lora_up     (d, r)
 
+optionally the rows of new tokens (meddap.lora.new_tokens: prompt words the base's
+text tower never trained, learned beside the adapters),
+
+    new_tokens.ids    (n,) int64: token ids
+    new_tokens.rows   (n, D) float32: their token-embedding rows
+
 and string metadata in the spirit of kohya's `ss_*` keys:
 
     meddap_format          "meddap-lora" (identifies the format)
@@ -26,7 +32,7 @@ Diffusers format (`LoRAFormat.DIFFUSERS`, `LoRAAttnProcessor` weights, scale 1):
 
 Its block names are diffusers' (`DIFFUSERS_TO_COMPVIS_BLOCKS`), `to_out_lora`
 is CompVis' `to_out.0`, and the update is W0 + up·down: on export the scale
-alpha/r is folded into `up`; on import alpha = r.
+alpha/r is folded into `up`; on import alpha = r. It has no place for new tokens.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class LoRAFormat(Enum):
 
 FORMAT_TAG = "meddap-lora"
 FORMAT_VERSION = "1"
+NEW_TOKEN_IDS, NEW_TOKEN_ROWS = "new_tokens.ids", "new_tokens.rows"
 
 # --- diffusers <-> CompVis block names --------------------------------------
 # SD v1's UNet has two ResBlocks per resolution level (num_res_blocks = 2), so
@@ -123,6 +130,7 @@ class LoRAFile:
     rank: int
     alpha: float
     metadata: dict[str, str] = field(default_factory=dict)   # meddap_* keys, as stored
+    new_tokens: tuple[torch.Tensor, torch.Tensor] | None = None   # (ids (n,), rows (n, D)), meddap format
 
     def layers(self) -> list[str]:
         return sorted({k.rpartition(".lora_")[0] for k in self.tensors})
@@ -154,6 +162,19 @@ def _check_pairs(path: Path, tensors: dict[str, torch.Tensor]) -> int:
     return ranks.pop()
 
 
+def _pop_new_tokens(path: Path, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Take the new-token tensors out of `raw`: both or neither, (n,) integer ids and (n, D) rows."""
+    ids, rows = raw.pop(NEW_TOKEN_IDS, None), raw.pop(NEW_TOKEN_ROWS, None)
+    if ids is None and rows is None:
+        return None
+    if (ids is None or rows is None or ids.ndim != 1 or ids.dtype.is_floating_point or rows.ndim != 2
+            or rows.shape[0] != ids.shape[0]):
+        raise MeddapError(f"adapter file {path}: new tokens need {NEW_TOKEN_IDS!r} (n,) integer ids and "
+                          f"{NEW_TOKEN_ROWS!r} (n, D) rows; found "
+                          f"{None if ids is None else list(ids.shape)} and {None if rows is None else list(rows.shape)}.")
+    return ids.long(), rows.float()
+
+
 def read_lora_file(path: str | Path) -> LoRAFile:
     """Read a meddap or diffusers adapter file (detected from its metadata and keys)."""
     path = Path(path)
@@ -161,6 +182,7 @@ def read_lora_file(path: str | Path) -> LoRAFile:
     if not raw:
         raise MeddapError(f"adapter file {path} holds no tensors.")
     if meta.get("meddap_format") == FORMAT_TAG:
+        new_tokens = _pop_new_tokens(path, raw)
         bad = [k for k in raw if not (k.endswith(".lora_down") or k.endswith(".lora_up"))]
         if bad:
             raise MeddapError(f"adapter file {path}: tensor {bad[0]!r} is not a '.lora_down' or "
@@ -176,7 +198,7 @@ def read_lora_file(path: str | Path) -> LoRAFile:
             raise MeddapError(f"adapter file {path}: metadata meddap_alpha="
                               f"{meta.get('meddap_alpha')!r} is not a number.") from None
         return LoRAFile(LoRAFormat.MEDDAP, tensors, rank, alpha,
-                        {k: v for k, v in meta.items() if k.startswith("meddap_")})
+                        {k: v for k, v in meta.items() if k.startswith("meddap_")}, new_tokens)
     tensors = {}
     for k, v in raw.items():
         ours = diffusers_key_to_meddap(k)
@@ -225,9 +247,17 @@ def write_lora_file(path: str | Path, lora: LoRAFile, to: LoRAFormat | str) -> N
     to = LoRAFormat(to)
     if to is LoRAFormat.MEDDAP:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in lora.tensors.items()}
+        if lora.new_tokens is not None:
+            ids, rows = lora.new_tokens
+            tensors[NEW_TOKEN_IDS] = ids.detach().long().contiguous().cpu()
+            tensors[NEW_TOKEN_ROWS] = rows.detach().float().contiguous().cpu()
         meta = lora.metadata if lora.metadata.get("meddap_format") == FORMAT_TAG else meddap_metadata(
             lora.rank, lora.alpha, describe_targets(lora.layers()))
     else:
+        if lora.new_tokens is not None:
+            raise MeddapError(f"{path}: the adapter carries {len(lora.new_tokens[0])} new-token "
+                              f"embeddings, which the diffusers attention-processor format cannot "
+                              f"hold. Keep the meddap format.")
         scale = lora.alpha / lora.rank   # fold alpha/r into up: the processor format has scale 1
         tensors = {}
         for k, v in lora.tensors.items():
@@ -244,10 +274,12 @@ _SAVE_KEYS = ("targets", "base_sha256", "base_config", "training_args", "step")
 
 
 def save_lora(unet: nn.Module, path: str | Path, metadata: dict | None = None,
-              to: LoRAFormat | str = LoRAFormat.MEDDAP) -> None:
+              to: LoRAFormat | str = LoRAFormat.MEDDAP,
+              new_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Write the UNet's adapters (atomically) in format `to`. `metadata` may give
     `targets`, `base_sha256`, `base_config`, `training_args` (a dict) and `step`;
-    the diffusers format keeps none of it."""
+    the diffusers format keeps none of it. `new_tokens`: (ids, rows) of the text
+    tower's new tokens (meddap format only)."""
     metadata = dict(metadata or {})
     unknown = sorted(set(metadata) - set(_SAVE_KEYS))
     if unknown:
@@ -261,7 +293,7 @@ def save_lora(unet: nn.Module, path: str | Path, metadata: dict | None = None,
     if not isinstance(targets, str):
         targets = list(targets)
     lora = LoRAFile(LoRAFormat.MEDDAP, lora_state_dict(unet), rank, alpha,
-                    meddap_metadata(rank, alpha, targets, **metadata))
+                    meddap_metadata(rank, alpha, targets, **metadata), new_tokens)
     write_lora_file(path, lora, to)
 
 
@@ -271,7 +303,8 @@ def load_lora(unet: nn.Module, path: str | Path) -> dict:
     first if it has none. The file must fit this UNet: every layer must exist
     with matching widths (an SD 2 adapter, say, has 1024-wide k/v inputs where
     SD v1 has 768), and adapters already present must be the same layers, rank
-    and alpha. Returns a summary: format, rank, alpha, layers, metadata, sha256."""
+    and alpha. Returns a summary: format, rank, alpha, layers, metadata, sha256, and
+    new_tokens ((ids, rows) or None: the text tower's, for `apply_new_tokens`)."""
     path = Path(path)
     lora = read_lora_file(path)
     modules = dict(unet.named_modules())
@@ -305,4 +338,4 @@ def load_lora(unet: nn.Module, path: str | Path) -> dict:
         m.lora_up.copy_(lora.tensors[f"{layer}.lora_up"])
     return {"path": str(path), "sha256": sha256_file(path), "format": lora.format.value,
             "rank": lora.rank, "alpha": lora.alpha, "layers": len(lora.layers()),
-            "metadata": lora.metadata}
+            "metadata": lora.metadata, "new_tokens": lora.new_tokens}

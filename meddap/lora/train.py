@@ -30,6 +30,12 @@ guidance). Without it the adapted UNet never sees ∅, so the ε(z_t, ∅) that 
 subtracts stays the base's, and guidance amplifies "phantom, not the base's domain"
 more than the class. A run with p = 0 draws exactly what it drew before the option.
 
+New tokens (`new_tokens`, not in the paper; meddap.lora.new_tokens): for a base whose
+text tower never trained some tokens of the training prompts (the `tiny` base), the run
+also trains an embedding row for each of them, drawn first from the trained rows'
+distribution; τ(c) is then recomputed every step, differentiable in those rows, and
+the rows are saved in the adapter file beside the adapters.
+
 `--fast` (with --cache-latents) runs the same step on static device buffers,
 from the same draws in the same order (meddap.lora.fast); on the CPU its run
 is bit for bit the eager one, log.csv included.
@@ -54,6 +60,7 @@ from meddap.io import dataset_sha256, save_torch_atomic, truncate_log
 from meddap.lora.adapter import AdapterConfig, inject_lora, lora_parameters
 from meddap.lora.fast import LOG_EVERY, FastStep, LossRing, SelfCheckedStep, make_optimizer, will_capture
 from meddap.lora.files import save_lora
+from meddap.lora.new_tokens import NewTokens, apply_new_tokens
 from meddap.models.vae import sample_posterior
 from meddap.progress import Progress, progress
 from meddap.settings import Label, as_dict, at_least, cli_label, multiple_of, setting, validate
@@ -124,6 +131,9 @@ class LoRARunConfig(AdapterConfig):
                                                "their caption, so that guidance's unconditional "
                                                "prediction is adapted too (paper and released: 0)",
                                      check=_check_fraction)
+    new_tokens: bool = setting(False, help="also learn embedding rows for the prompt tokens the base's "
+                                           "text tower never trained (meddap.lora.new_tokens; the tiny "
+                                           "base; not in the paper)")
     fast: bool = setting(False, help="the fast step (meddap.lora.fast): cached latents on the device, "
                                      "draws staged to static inputs, losses logged in batches, fused "
                                      "AdamW and a CUDA graph on a GPU; self-checked against the eager "
@@ -131,6 +141,10 @@ class LoRARunConfig(AdapterConfig):
     show_progress: bool = setting(True, help="draw progress bars", cli=False)   # the CLI has --quiet
 
     def cross_checks(self, label: Label) -> None:
+        if self.fast and self.new_tokens:
+            raise MeddapError(f"{label('fast')} and {label('new_tokens')} do not go together: the fast "
+                              f"step keeps the prompts' contexts in static buffers, and new tokens change "
+                              f"them every step; turn one of them off.")
         if self.fast and not self.cache_latents:
             raise MeddapError(f"{label('fast')} needs {label('cache_latents')}: the fast step gathers "
                               f"cached latents on the device; add {label('cache_latents')} or leave "
@@ -139,7 +153,7 @@ class LoRARunConfig(AdapterConfig):
 
 # Fields that fix the arithmetic of a run; a resume must agree on all of them.
 _RESUME_FIELDS = ("rank", "alpha", "targets", "lr", "batch_size", "resolution", "seed",
-                  "mixed_precision", "cache_latents", "as_released", "caption_dropout")
+                  "mixed_precision", "cache_latents", "as_released", "caption_dropout", "new_tokens")
 
 
 def _rng_states(rng: torch.Generator, device: torch.device) -> dict:
@@ -211,6 +225,12 @@ class TrainImages:
     def empty_row(self) -> int:
         """The row of `embed_prompts` that holds the empty prompt's τ(∅): n_classes."""
         return len(self.classes)
+
+    def embed_prompts_with(self, text_encoder, as_released: bool, new: NewTokens) -> torch.Tensor:
+        """`embed_prompts` with the new-token rows of `new`, differentiable in them."""
+        device = next(text_encoder.parameters()).device
+        classes = new.embed(text_encoder, text_encoder.tokenize(self.prompts(as_released)).to(device))
+        return torch.cat([classes, new.embed(text_encoder, text_encoder.tokenize([""]).to(device))])
 
     @torch.no_grad()
     def embed_prompts(self, text_encoder, as_released: bool) -> torch.Tensor:
@@ -466,6 +486,9 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
     contexts = images.embed_prompts(sd.text_encoder, cfg.as_released)   # (n_classes + 1, 77, C)
     if cfg.cache_latents:
         images.cache_latents(sd.vae, show_progress=cfg.show_progress)
+    new = start_new_tokens(sd, cfg, images, device, label) if cfg.new_tokens else None
+    if new is not None:
+        params = params + [new.rows]                                     # trained with the adapters
 
     update = make_update(params, cfg.lr, device, loss_scaling=cfg.mixed_precision is MixedPrecision.FP16,
                          fast=cfg.fast, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -479,7 +502,8 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
         write_state(out, key, step, order, params, optimizer, scaler, rng, device)
 
     def eager_step(batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        loss = lora_loss(sd, schedule, images, contexts, batch, rng, device, dtype, cfg.caption_dropout)
+        ctx = contexts if new is None else images.embed_prompts_with(sd.text_encoder, cfg.as_released, new)
+        loss = lora_loss(sd, schedule, images, ctx, batch, rng, device, dtype, cfg.caption_dropout)
         update(loss)
         return loss
 
@@ -513,33 +537,59 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
             if checkpoint:
                 save_state()
             if cfg.validate_every and step % cfg.validate_every == 0:
-                _validate(sd, cfg, images, step, out / VALIDATION_DIR, device)
+                _validate(sd, cfg, images, step, out / VALIDATION_DIR, device, new)
     bar.close()
 
     # 6. Save the adapters (atomically) with their provenance.
-    return save_adapters(sd, cfg, device, step)
+    return save_adapters(sd, cfg, device, step, new)
 
 
-def save_adapters(sd, cfg: LoRARunConfig, device: torch.device, step: int) -> Path:
-    """Write `out/lora.safetensors` (atomically) with its provenance; return its path."""
+def start_new_tokens(sd, cfg: LoRARunConfig, images: TrainImages, device: torch.device,
+                     label: Label) -> NewTokens:
+    """The new-token rows of this run (meddap.lora.new_tokens), or an error naming the base
+    when it does not say which rows it trained."""
+    from meddap.pretrain.train import trained_token_ids
+
+    trained = trained_token_ids(cfg.checkpoint, sd.text_encoder, show_progress=cfg.show_progress)
+    if trained is None:
+        raise MeddapError(f"{label('new_tokens')}: the base {cfg.checkpoint} does not say which token "
+                          f"rows its text tower trained (meddap's tiny base does, in its pretrain_* "
+                          f"metadata); SD v1.4's tower trained them all. Turn {label('new_tokens')} off.")
+    return NewTokens.start(sd.text_encoder, trained, images.prompts(cfg.as_released), cfg.seed, device)
+
+
+def save_adapters(sd, cfg: LoRARunConfig, device: torch.device, step: int,
+                  new: NewTokens | None = None) -> Path:
+    """Write `out/lora.safetensors` (atomically) with its provenance (and the new-token
+    rows, if any); return its path."""
     path = Path(cfg.out) / ADAPTER_FILE
     args = {**as_dict(cfg), "device": str(device)}   # the device it ran on (cfg.device None: auto)
     save_lora(sd.unet, path, {"targets": args["targets"], "base_sha256": sd.source_sha256,
-                              "base_config": sd.config.name, "training_args": args, "step": step})
+                              "base_config": sd.config.name, "training_args": args, "step": step},
+              new_tokens=None if new is None else (new.ids, new.rows.detach().cpu()))
     return path
 
 
 @torch.no_grad()
 def _validate(sd, cfg: LoRARunConfig, images: TrainImages, step: int, folder: Path,
-              device: torch.device) -> None:
+              device: torch.device, new: NewTokens | None = None) -> None:
     """Sample one image per validation prompt with fixed seeds (image_seed(seed, i))
-    and write `validation/step_{step}_{i}.png`. The global RNG is left as it was."""
+    and write `validation/step_{step}_{i}.png`, with this step's new-token rows if any.
+    The global RNG and the base's rows are left as they were."""
     from meddap.sampling.text_to_image import generate, image_seed, write_png
 
     prompts = list(cfg.validation_prompts) or images.prompts(cfg.as_released)
     seeds = [image_seed(cfg.seed, i) for i in range(len(prompts))]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        results = generate(sd, prompts, seeds, steps=cfg.validation_steps, guidance=VALIDATION_GUIDANCE,
-                           height=cfg.resolution, width=cfg.resolution, show_progress=False)
+    weight = sd.text_encoder.token_embedding.weight
+    base_rows = None if new is None else weight[new.ids.to(weight.device)].clone()
+    if new is not None:
+        apply_new_tokens(sd.text_encoder, new.ids, new.rows.detach(), source="this run")
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            results = generate(sd, prompts, seeds, steps=cfg.validation_steps, guidance=VALIDATION_GUIDANCE,
+                               height=cfg.resolution, width=cfg.resolution, show_progress=False)
+    finally:
+        if new is not None:
+            apply_new_tokens(sd.text_encoder, new.ids, base_rows, source="this run")
     for i, r in enumerate(results):
         write_png(folder / f"step_{step:07d}_{i:02d}.png", r.image, {**r.metadata, "train_step": step})

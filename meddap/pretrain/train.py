@@ -360,6 +360,49 @@ def seen_tokens(data: dict, text: torch.nn.Module) -> torch.Tensor:
 CAPTION_SETTINGS = ("seed", "size", "field_fraction", "latent_images")
 
 
+def stage3_token_ids(cfg: PretrainConfig, text: torch.nn.Module, show_progress: bool = True) -> torch.Tensor:
+    """The token ids stage 3 trained with settings `cfg`, its captions rebuilt (not stored)."""
+    tokens = []
+    for start in progress(range(0, cfg.latent_images, 256), desc="stage-3 captions", enabled=show_progress):
+        captions, _ = shapes.batch(cfg.seed, LATENT_IMAGES + start, min(256, cfg.latent_images - start),
+                                   cfg.size, cfg.field_fraction)
+        tokens.append(text.tokenize(captions))
+    return seen_tokens({"tokens": torch.cat(tokens)}, text)
+
+
+def _caption_config(meta: dict, src: Path) -> PretrainConfig:
+    """PretrainConfig with CAPTION_SETTINGS as a tiny base file's metadata stores them."""
+    values = {}
+    for key in CAPTION_SETTINGS:
+        stored = meta.get(f"pretrain_{key}")
+        kind = type(getattr(PretrainConfig(), key))
+        try:
+            values[key] = kind(stored)
+        except (TypeError, ValueError):
+            raise MeddapError(f"{src}: metadata pretrain_{key} = {stored!r} is not a {kind.__name__}; "
+                              f"the file is not a readable meddap tiny base.") from None
+    return PretrainConfig(**values)
+
+
+def trained_token_ids(checkpoint: str | Path, text: torch.nn.Module,
+                      show_progress: bool = True) -> torch.Tensor | None:
+    """The token ids whose embedding rows a meddap-pretrained base trained (stage 3's
+    captions, plus every id when stage 3b redrew the rest), or None for a file without
+    `pretrain_*` metadata (SD v1.4: CLIP trained every row)."""
+    from safetensors import safe_open
+
+    path = Path(checkpoint)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    if f"pretrain_{CAPTION_SETTINGS[0]}" not in meta:
+        return None
+    if meta.get("pretrain_redraw_unseen_tokens") == "True":
+        return torch.arange(text.token_embedding.num_embeddings)
+    return stage3_token_ids(_caption_config(meta, path), text, show_progress)
+
+
 def redraw_file_token_rows(cfg: PretrainConfig, src: str | Path, out: str | Path) -> Path:
     """Stage 3b alone, on a tiny base file made by stages 1-3 (`redraw_unseen_tokens` false,
     as the shipped file): its stage-3 captions are rebuilt from cfg,
@@ -383,13 +426,7 @@ def redraw_file_token_rows(cfg: PretrainConfig, src: str | Path, out: str | Path
         raise MeddapError(f"{src}: its unseen token rows were already redrawn (metadata "
                           f"pretrain_redraw_unseen_tokens = True); start from a stage-3 file.")
     sd = load_stable_diffusion(src)
-    tokens = []
-    for start in progress(range(0, cfg.latent_images, 256), desc="3b stage-3 captions"):
-        captions, _ = shapes.batch(cfg.seed, LATENT_IMAGES + start, min(256, cfg.latent_images - start),
-                                   cfg.size, cfg.field_fraction)
-        tokens.append(sd.text_encoder.tokenize(captions))
-    n = redraw_unseen_token_rows(sd.text_encoder, seen_tokens({"tokens": torch.cat(tokens)}, sd.text_encoder),
-                                 cfg.seed)
+    n = redraw_unseen_token_rows(sd.text_encoder, stage3_token_ids(cfg, sd.text_encoder), cfg.seed)
     meta.update(pretrain_redraw_unseen_tokens="True", token_rows_redrawn=str(n),
                 token_rows_redrawn_in=f"{src.name} (SHA-256 {sha256_file(src)})")
     save_stable_diffusion(sd.to(torch.float16), out, metadata=meta)

@@ -122,18 +122,23 @@ def check_model_files(checkpoint: str, lora: str | None) -> None:
 
 def load_model(checkpoint: str, lora: str | None = None, device: str | None = None,
                dtype: str = "fp32"):
-    """SD v1 from `checkpoint` with the adapter file `lora` (if any) loaded into its UNet,
+    """SD v1 from `checkpoint` with the adapter file `lora` (if any) loaded into its UNet
+    (and its new-token rows, if it has any, into the text tower: meddap.lora.new_tokens),
     on the device of meddap.device's rule (None: this process's GPU, else the CPU), in
     `dtype` ("fp32" | "fp16" | "bf16"). sd.source_sha256 and sd.lora_sha256 name both files."""
     from meddap.device import resolve_device, resolve_dtype
     from meddap.lora import load_lora
+    from meddap.lora.new_tokens import apply_new_tokens
     from meddap.models.stable_diffusion import load_stable_diffusion
 
     check_model_files(checkpoint, lora)
     where = resolve_device(device)
     sd = load_stable_diffusion(checkpoint, device=where, dtype=resolve_dtype(dtype, where))
     if lora is not None:
-        sd.lora_sha256 = load_lora(sd.unet, lora)["sha256"]
+        info = load_lora(sd.unet, lora)
+        if info["new_tokens"] is not None:
+            apply_new_tokens(sd.text_encoder, *info["new_tokens"], source=lora)
+        sd.lora_sha256 = info["sha256"]
     return sd
 
 
