@@ -3,10 +3,11 @@ resumes the adapters where the checkpoint left them, finishes, writes every outp
 the adaptation check holds: a classifier trained on the real phantoms recognises the
 adapted synthetic images (>= 50%, 3 classes) but not the unadapted base's (near chance).
 
-The bars are the fast variant's own. On the shipped base, with the configs' caption dropout,
-seed 0 gave 63.7% adapted and 39.3% unadapted (45 images per class, 2-core AMD EPYC with
-AVX-512; seeds 1 and 2: see README); without caption dropout 60.0% and 39.3% there, and
-65.2% and 30.4% on a 2-core Intel Xeon. 50% is 14 points under seed 0's figure, and a classifier at
+The bars are the fast variant's own. On the shipped base, with the configs' caption dropout
+and new tokens, seed 0 gave 68.9% adapted and 39.3% unadapted (45 images per class, 2-core
+AMD EPYC with AVX-512; seeds 1 and 2: 92.6% and 74.8%, see README); without new tokens
+63.7% and 39.3% there, and without caption dropout either 65.2% and 30.4% on a 2-core Intel
+Xeon. 50% is 19 points under seed 0's figure, and a classifier at
 chance (1/3) reaches it on 135 images with probability 3e-5 (binomial tail), so passing says
 the adapters carry the class; the unadapted check's 99.9% chance interval on 135 images is
 21-47%, inside the +-15 points."""

@@ -42,6 +42,7 @@ is bit for bit the eager one, log.csv included.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -226,21 +227,17 @@ class TrainImages:
         """The row of `embed_prompts` that holds the empty prompt's τ(∅): n_classes."""
         return len(self.classes)
 
-    def embed_prompts_with(self, text_encoder, as_released: bool, new: NewTokens) -> torch.Tensor:
-        """`embed_prompts` with the new-token rows of `new`, differentiable in them."""
-        device = next(text_encoder.parameters()).device
-        classes = new.embed(text_encoder, text_encoder.tokenize(self.prompts(as_released)).to(device))
-        return torch.cat([classes, new.embed(text_encoder, text_encoder.tokenize([""]).to(device))])
-
-    @torch.no_grad()
-    def embed_prompts(self, text_encoder, as_released: bool) -> torch.Tensor:
+    def embed_prompts(self, text_encoder, as_released: bool, new: NewTokens | None = None) -> torch.Tensor:
         """τ(c) of each class's prompt, then τ(∅) of the empty prompt (for caption dropout):
         (n_classes + 1, 77, C). The text encoder is frozen and the prompts fixed, so
-        embedding once is exact (this is always done)."""
+        embedding once is exact (this is always done). With `new` (new tokens), through
+        `new.embed`: differentiable in its rows, and redone every step."""
         device = next(text_encoder.parameters()).device
-        # Two calls, not one: a batch of another size may round the class rows differently.
-        classes = text_encoder(text_encoder.tokenize(self.prompts(as_released)).to(device))   # (n, 77, C)
-        return torch.cat([classes, text_encoder(text_encoder.tokenize([""]).to(device))])
+        embed = text_encoder if new is None else functools.partial(new.embed, text_encoder)
+        with torch.set_grad_enabled(new is not None):
+            # Two calls, not one: a batch of another size may round the class rows differently.
+            classes = embed(text_encoder.tokenize(self.prompts(as_released)).to(device))    # (n, 77, C)
+            return torch.cat([classes, embed(text_encoder.tokenize([""]).to(device))])
 
     def _view(self, i: int, top: int, left: int, flip: bool) -> torch.Tensor:
         s = self.resolution
@@ -502,7 +499,7 @@ def train_lora(cfg: LoRARunConfig, label: Label = cli_label) -> Path:
         write_state(out, key, step, order, params, optimizer, scaler, rng, device)
 
     def eager_step(batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        ctx = contexts if new is None else images.embed_prompts_with(sd.text_encoder, cfg.as_released, new)
+        ctx = contexts if new is None else images.embed_prompts(sd.text_encoder, cfg.as_released, new)
         loss = lora_loss(sd, schedule, images, ctx, batch, rng, device, dtype, cfg.caption_dropout)
         update(loss)
         return loss

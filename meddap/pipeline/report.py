@@ -107,7 +107,9 @@ def write_report(cfg: RunConfig, out: Path, info: dict) -> Path:
              f"({cfg.data.folds} fold(s), val {cfg.data.val}, test {cfg.data.test} images)",
              f"- USLoRA rank {cfg.lora.rank}, targets {cfg.section_dict('lora')['targets']}, lr {cfg.lora.lr:g}, "
              f"{cfg.lora.epochs} epochs{f' (max {cfg.lora.max_steps} steps)' if cfg.lora.max_steps else ''}, "
-             f"{cfg.lora.resolution} px",
+             f"{cfg.lora.resolution} px"
+             f"{f', caption dropout {cfg.lora.caption_dropout:g}' if cfg.lora.caption_dropout else ''}"
+             f"{'; new tokens (learned embeddings for the prompt words the base never trained; not in the paper)' if cfg.lora.new_tokens else ''}",
              f"- generation: {cfg.generate.sampler.value} {cfg.generate.steps} steps, guidance {cfg.generate.guidance:g}, "
              f"{cfg.generate.height} x {cfg.generate.width} px, {cfg.generate.dtype}; adjectives {list(cfg.generate.adjectives)}; ratios {list(cfg.generate.ratios)}",
              f"- classifiers {[a.value for a in cfg.classify.networks]}: {cfg.classify.epochs} epochs, batch "
