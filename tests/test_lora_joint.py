@@ -136,3 +136,6 @@ def test_joint_refuses_what_it_does_not_do(files, third, tmp_path):
     cfgs = [dataclasses.replace(c, validate_every=0, mixed_precision=MixedPrecision.FP16) for c in cfgs]
     with pytest.raises(MeddapError, match=r"^--mixed-precision = 'fp16' is not supported when training"):
         train_lora_joint(cfgs)
+    cfgs = [dataclasses.replace(c, mixed_precision=MixedPrecision.NO, new_tokens=True) for c in cfgs]
+    with pytest.raises(MeddapError, match=r"^--new-tokens = True is not supported when training"):
+        train_lora_joint(cfgs)

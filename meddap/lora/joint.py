@@ -25,7 +25,7 @@ different sizes end at different steps; the others go on without them.
 What is not the same: the UNet runs once on the batch of all folds, whose
 kernels need not round as the batch of one fold does, so the adapters agree
 with separate runs to float32 rounding, not bit for bit (the tests measure it).
-Not supported (a clear error): --fast, fp16 loss scaling, validation images.
+Not supported (a clear error): --fast, fp16 loss scaling, validation images, new tokens.
 """
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ def check_folds(cfgs: list[LoRARunConfig], label: Label) -> None:
         raise MeddapError(f"the folds of one joint run need distinct output folders; got {outs}.")
     cfg = cfgs[0]
     for name, unsupported in (("fast", cfg.fast), ("validate_every", cfg.validate_every > 0),
+                              ("new_tokens", cfg.new_tokens),
                               ("mixed_precision", cfg.mixed_precision is MixedPrecision.FP16)):
         if unsupported:
             raise MeddapError(f"{label(name)} = {as_dict(cfg)[name]!r} is not supported when training "
