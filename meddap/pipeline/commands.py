@@ -27,8 +27,8 @@ def register(subparsers) -> None:
                         "every stage that is ready; a last run without --shard assembles the tables")
     p.set_defaults(func=_run)
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",
-                              description="`meddap run demo`: about 2 minutes on 2 CPU cores (measured: 102 s on a "
-                                          "2-core AVX-512 machine, where the demo before took 421 s), no network; "
+                              description="`meddap run demo`: about 2 minutes on 2 CPU cores (measured: 105 s on a "
+                                          "2-core AVX-512 machine, where the demo before took 382 s), no network; "
                                           "--fast: the CI-sized variant, with one adjective and ratio, no classic arm "
                                           "or unseen set and 45 check images per class (74 s there).")
     d.add_argument("--out", default="meddap-demo", help="output folder (default: ./meddap-demo)")
