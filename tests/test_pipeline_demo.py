@@ -4,10 +4,11 @@ the adaptation check holds: a classifier trained on the real phantoms recognises
 adapted synthetic images (>= 50%, 3 classes) but not the unadapted base's (near chance).
 
 The bars are the fast variant's own. On the shipped base, with the configs' caption dropout
-and new tokens, seed 0 gave 68.9% adapted and 39.3% unadapted (45 images per class, 2-core
-AMD EPYC with AVX-512; seeds 1 and 2: 92.6% and 74.8%, see README); without new tokens
-63.7% and 39.3% there, and without caption dropout either 65.2% and 30.4% on a 2-core Intel
-Xeon. 50% is 19 points under seed 0's figure, and a classifier at
+and new tokens, seed 0 gave 88.9% adapted and 39.3% unadapted (45 images per class, 2-core
+AMD EPYC with AVX-512; seeds 1 and 2: 96.3% and 72.6%; a rounding variant 68.9% at seed 0;
+see README); without new tokens 63.7% and 39.3% there, and without caption dropout either
+65.2% and 30.4% on a 2-core Intel Xeon. 50% is 19 points under the lowest seed-0 figure, and
+a classifier at
 chance (1/3) reaches it on 135 images with probability 3e-5 (binomial tail), so passing says
 the adapters carry the class; the unadapted check's 99.9% chance interval on 135 images is
 21-47%, inside the +-15 points."""
