@@ -11,13 +11,13 @@ from meddap.data.prompts import prompt_for
 from meddap.errors import MeddapError
 from meddap.lora import read_lora_file, write_lora_file
 from meddap.lora.new_tokens import NewTokens, apply_new_tokens, init_rows
-from meddap.lora.train import LoRARunConfig, TrainImages, train_lora
+from meddap.lora.train import LoRARunConfig, train_lora
 from meddap.models.stable_diffusion import build_stable_diffusion, load_stable_diffusion, save_stable_diffusion
 from meddap.pretrain.train import trained_token_ids
 from meddap.sampling.generation import load_model
 from meddap.settings import validate
 
-from tests.test_lora_train import write_images
+from tests.test_lora_train import kill_at_step, write_images
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
 
@@ -105,16 +105,7 @@ def test_training_moves_the_rows_resumes_exactly_and_only_the_adapted_model_has_
     assert torch.equal(ids, start.ids)
     assert not torch.allclose(rows, start.rows.detach())                         # trained, not just drawn
 
-    calls = {"n": 0}
-    latents = TrainImages.latents
-
-    def dies_at_step_5(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return latents(self, *args)
-
-    monkeypatch.setattr(TrainImages, "latents", dies_at_step_5)
+    kill_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train_lora(_config(data, killed))
     monkeypatch.undo()

@@ -69,6 +69,21 @@ def losses(out):
     return np.array([float(r.split(",")[2]) for r in rows[1:]])
 
 
+def kill_at_step(monkeypatch, n: int) -> None:
+    """Make train_lora's n-th step raise KeyboardInterrupt (while it draws its latents),
+    as a kill would; monkeypatch.undo() lifts it."""
+    calls = {"n": 0}
+    latents = TrainImages.latents
+
+    def dies(self, *args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return latents(self, *args)
+
+    monkeypatch.setattr(TrainImages, "latents", dies)
+
+
 def test_defaults_are_the_papers():
     cfg = LoRARunConfig(checkpoint="x", data="y", out="z")
     assert (cfg.rank, cfg.alpha, cfg.targets, cfg.lr, cfg.epochs, cfg.batch_size, cfg.resolution,
@@ -90,16 +105,7 @@ def test_killed_and_resumed_equals_uninterrupted(files, tmp_path, monkeypatch):
     straight, killed, stopped = tmp_path / "straight", tmp_path / "killed", tmp_path / "stopped"
     train_lora(config(files, straight, **kw))
 
-    calls = {"n": 0}
-    latents = TrainImages.latents
-
-    def dies_at_step_8(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return latents(self, *args)
-
-    monkeypatch.setattr(TrainImages, "latents", dies_at_step_8)
+    kill_at_step(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         train_lora(config(files, killed, **kw))
     monkeypatch.undo()

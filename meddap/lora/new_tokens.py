@@ -51,15 +51,22 @@ NEW_TOKEN_STREAM = 9_000_000      # the init draw: a stream of its own, so the a
 WEIGHT = "token_embedding.weight"
 
 
+def row_law(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, R) of trained embedding rows (S, D) float64: their mean and a root R Rᵀ = Σ of
+    their covariance, R = Q Λ^½ from Σ = Q Λ Qᵀ (eigenvalues clipped at 0: with fewer rows
+    than dimensions Σ is singular, and μ + R z stays on the rows' affine span without a
+    jitter term). Shared by `init_rows` and pretraining stage 3b."""
+    mu, sigma = rows.mean(0), torch.cov(rows.T)                              # (D,), (D, D)
+    lam, q = torch.linalg.eigh(sigma)
+    return mu, q * lam.clamp(min=0).sqrt()
+
+
 @torch.no_grad()
 def init_rows(weight: torch.Tensor, trained: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, D) float32: μ + R √D q_i over the `trained` rows of `weight` (module docstring).
-    Σ = Q Λ Qᵀ gives R = Q Λ^½ (eigenvalues clipped at 0: with fewer trained rows than
-    dimensions Σ is singular and the rows stay on the trained rows' affine span)."""
+    """(n, D) float32: μ + R √D q_i over the `trained` rows of `weight` (module docstring;
+    μ and R by `row_law`)."""
     rows = weight.detach().cpu().double()[trained.cpu()]                     # (S, D)
-    mu, sigma = rows.mean(0), torch.cov(rows.T)
-    lam, q = torch.linalg.eigh(sigma)
-    root = q * lam.clamp(min=0).sqrt()                                      # (D, D), root rootᵀ = Σ
+    mu, root = row_law(rows)
     D = rows.shape[1]
     if n > D:
         raise MeddapError(f"{n} new tokens but only {D} embedding dimensions: they cannot all be "

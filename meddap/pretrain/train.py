@@ -331,18 +331,17 @@ def redraw_unseen_token_rows(text: torch.nn.Module, seen: torch.Tensor, seed: in
     becomes a draw of N(μ, Σ), μ and Σ the mean and covariance of the `seen` rows;
     returns the number of rows drawn. The `seen` rows keep their bytes.
 
-    With fewer seen rows than dimensions Σ is singular; the draw μ + Q Λ^½ z
-    (Σ = Q Λ Qᵀ, eigenvalues clipped at 0, z ~ N(0, I) from stream TOKEN_ROWS_STREAM)
-    is then the degenerate normal on the seen rows' affine span, without a jitter term.
+    The draw is μ + R z, (μ, R) by meddap.lora.new_tokens.row_law (the degenerate normal
+    on the seen rows' affine span when they are fewer than the dimensions), z ~ N(0, I)
+    from stream TOKEN_ROWS_STREAM.
     """
+    from meddap.lora.new_tokens import row_law
+
     weight = text.token_embedding.weight                                        # (V, D)
     unseen = torch.ones(weight.shape[0], dtype=torch.bool)
     unseen[seen.cpu()] = False
     rows = weight.detach().cpu().double()
-    trained = rows[~unseen]                                                     # (S, D)
-    mu, sigma = trained.mean(0), torch.cov(trained.T)                           # (D,), (D, D)
-    lam, q = torch.linalg.eigh(sigma)
-    root = q * lam.clamp(min=0).sqrt()                                          # Σ = root rootᵀ
+    mu, root = row_law(rows[~unseen])                                           # Σ = root rootᵀ
     gen = torch.Generator().manual_seed(stream_seed(seed, TOKEN_ROWS_STREAM))
     z = torch.randn(int(unseen.sum()), rows.shape[1], generator=gen, dtype=torch.float64)
     rows[unseen] = mu + z @ root.T
