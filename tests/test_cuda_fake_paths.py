@@ -43,7 +43,7 @@ PIXELS = ("cpu->cuda", line_of(TRAIN, "mean, logvar = vae.encode(x.to(p.device, 
 POSTERIOR_NOISE = ("cpu->cuda", line_of("meddap/models/vae.py",
                                         "return mean + torch.exp(0.5 * logvar) * eps.to(mean.device)"))
 EPS_NOISE = ("cpu->cuda", line_of(TRAIN, "noise = torch.randn(z0.shape, generator=rng).to(device)"))
-LABELS = ("cpu->cuda", line_of(TRAIN, "context = contexts[rows.to(contexts.device)]"))
+LABELS = ("cpu->cuda", line_of(TRAIN, "context = contexts.index_select(0, rows.to(contexts.device))"))
 UNET_T = ("cpu->cuda", line_of(TRAIN, "eps = sd.unet(z_t.to(dtype), t.to(device), context)"))
 # q_sample extracts √ᾱ_t and √(1 − ᾱ_t): each copies its (1000,) table and t to the device.
 SCHEDULE = ("cpu->cuda", line_of("meddap/sampling/schedule.py",

@@ -134,3 +134,32 @@ def test_new_tokens_are_refused_where_they_cannot_work(tmp_path):
                                           r"token rows its text tower trained"):
         train_lora(_config(data, tmp_path / "out", checkpoint=str(plain)))
     assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_the_batchs_contexts_backward_is_bitwise_repeatable_on_two_threads():
+    """With new tokens τ(c) carries gradients to the rows. `lora_inputs` picks each row's
+    context with index_select; the backward of contexts[rows] (index_put_ with accumulate)
+    summed in a thread-dependent order on the CPU, and two runs of the demo's USLoRA
+    training with the same seed ended with different adapters (20 repeats here differed)."""
+    from types import SimpleNamespace
+
+    from meddap.lora.train import lora_inputs
+    from meddap.sampling.schedule import NoiseSchedule
+
+    torch.set_num_threads(2)                        # the fixture sets 1 again afterwards
+    g = torch.Generator().manual_seed(0)
+    images = SimpleNamespace(labels=torch.randint(0, 3, (40,), generator=g), empty_row=3,
+                             latents=lambda batch, vae, rng: torch.zeros(len(batch), 4, 8, 8))
+    start = torch.randn(4, 77, 64, generator=g)
+    upstream = torch.randn(32, 77, 64, generator=g)
+
+    def contexts_grad() -> torch.Tensor:
+        contexts = start.clone().requires_grad_(True)
+        _, _, _, context = lora_inputs(None, NoiseSchedule.sd_v1(), images, contexts, torch.arange(32),
+                                       torch.Generator().manual_seed(1), torch.device("cpu"),
+                                       caption_dropout=0.1)
+        context.backward(upstream)
+        return contexts.grad
+
+    first = contexts_grad()
+    assert all(torch.equal(first, contexts_grad()) for _ in range(20))

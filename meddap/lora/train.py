@@ -17,8 +17,9 @@ run (adapter init, epoch order, crop, flip, posterior noise, t, ε) comes from
 one CPU generator seeded with `seed`, so a seed gives the same draws on any
 device; the arithmetic on them is not the same (GPU kernels differ from the
 CPU's). The generator's state is part of each checkpoint: on the CPU (with the
-same number of threads), a run killed and resumed ends bit for bit where an
-uninterrupted one does. On CUDA that holds only with cudnn.benchmark off
+same number of threads), two runs of one config end bit for bit alike, and a run
+killed and resumed ends where an uninterrupted one does (with new tokens too:
+`lora_inputs` picks contexts with a deterministic backward). On CUDA that holds only with cudnn.benchmark off
 (`train_lora` pins it) and torch.use_deterministic_algorithms(True), and is not
 guaranteed even then: SDPA and cuDNN backward kernels use atomics (see
 meddap.device).
@@ -362,7 +363,10 @@ def lora_inputs(vae, schedule, images: TrainImages, contexts: torch.Tensor, batc
     noise = torch.randn(z0.shape, generator=rng).to(device)          # ε ~ N(0, I), drawn on the CPU
     z_t = schedule.q_sample(z0, t, noise)                            # (B, 4, h, w)
     rows = caption_rows(images, batch, caption_dropout, rng)         # (B,)
-    context = contexts[rows.to(contexts.device)]                     # (B, 77, C)
+    # index_select, not contexts[rows]: with new tokens the contexts carry gradients, and the
+    # backward of advanced indexing (index_put_ with accumulate) sums rows in a thread-dependent
+    # order on the CPU, which made two runs differ; index_select's (index_add_) does not.
+    context = contexts.index_select(0, rows.to(contexts.device))    # (B, 77, C)
     return z_t, t, noise, context
 
 
