@@ -11,8 +11,8 @@ usual "[section] key" error, raised before any run starts.
 
 Seed s runs in DIR/seed<s>/ (re-running resumes, as `meddap run` does). The
 table gives, per seed, the real-only classifiers' accuracy on the adapted and
-unadapted check images, the adapted confusion matrix (rows: true class) and
-the wall time of this invocation's run (a resumed seed shows only what was
+unadapted check images, the adapted samples' mean channel spread (0 for grey),
+the adapted confusion matrix (rows: true class) and the wall time of this invocation's run (a resumed seed shows only what was
 left). DIR/seeds.json holds the same rows. The seeds run one after another in
 this process, so the stage banners' "into the run" times count from the
 script's start.
@@ -65,26 +65,28 @@ def seed_configs(config: str, seeds: list[int], sets: list[str]) -> list[RunConf
 
 def check_row(seed: int, out: Path, seconds: float) -> dict:
     """The check of a finished run in `out` (fold 0's classify/summary.json) as one table row."""
-    check = json.loads((out / "fold0" / "classify" / "summary.json").read_text())["check"]
+    summary = json.loads((out / "fold0" / "classify" / "summary.json").read_text())
     row = {"seed": seed, "seconds": round(seconds, 1)}
-    for key, value in sorted(check.items()):                 # "<network>/adapted", "<network>/base"
+    for key, value in sorted(summary["check"].items()):      # "<network>/adapted", "<network>/base"
         row[key] = value["accuracy"]
         if key.endswith("/adapted"):
             row[key + "_confusion"] = value["confusion"]
+    row["adapted_spread"] = summary["spread"]["adapted"]["all"]
     return row
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: seed, each check accuracy, the adapted confusion, seconds; then the min and mean."""
-    keys = [k for k in rows[0] if k not in ("seed", "seconds") and not k.endswith("_confusion")]
-    lines = ["| seed | " + " | ".join(keys) + " | adapted confusion | wall s |",
-             "|---" * (len(keys) + 3) + "|"]
+    keys = [k for k in rows[0] if k not in ("seed", "seconds", "adapted_spread") and not k.endswith("_confusion")]
+    lines = ["| seed | " + " | ".join(keys) + " | adapted channel spread | adapted confusion | wall s |",
+             "|---" * (len(keys) + 4) + "|"]
     for r in rows:
         confusion = "; ".join(str(v) for k, v in r.items() if k.endswith("_confusion"))
         lines.append(f"| {r['seed']} | " + " | ".join(f"{r[k]:.1%}" for k in keys)
-                     + f" | {confusion} | {r['seconds']:.0f} |")
-    for name, f in (("min", min), ("mean", lambda v: sum(v) / len(v))):
-        lines.append(f"| {name} | " + " | ".join(f"{f([r[k] for r in rows]):.1%}" for k in keys) + " | | |")
+                     + f" | {r['adapted_spread']:.3f} | {confusion} | {r['seconds']:.0f} |")
+    for name, f in (("min", min), ("mean", lambda v: sum(v) / len(v)), ("max", max)):
+        lines.append(f"| {name} | " + " | ".join(f"{f([r[k] for r in rows]):.1%}" for k in keys)
+                     + f" | {f([r['adapted_spread'] for r in rows]):.3f} | | |")
     return "\n".join(lines)
 
 

@@ -47,25 +47,29 @@ def test_main_checks_every_config_before_running_anything(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
-def _summary(out: Path, adapted: float, base: float, confusion) -> None:
+def _summary(out: Path, adapted: float, base: float, confusion, spread: float) -> None:
     (out / "fold0" / "classify").mkdir(parents=True)
     (out / "fold0" / "classify" / "summary.json").write_text(json.dumps({"check": {
         "resnet34/adapted": {"accuracy": adapted, "confusion": confusion},
-        "resnet34/base": {"accuracy": base, "confusion": [[1, 0], [0, 1]]}}}))
+        "resnet34/base": {"accuracy": base, "confusion": [[1, 0], [0, 1]]}},
+        "spread": {"adapted": {"all": spread, "a": spread}, "base": {"all": 0.5, "a": 0.5}}}))
 
 
-def test_the_table_gives_each_seed_then_min_and_mean(tmp_path):
-    _summary(tmp_path / "s0", 0.8, 0.3, [[9, 1], [2, 8]])
-    _summary(tmp_path / "s1", 0.6, 0.4, [[5, 5], [3, 7]])
+def test_the_table_gives_each_seed_then_min_mean_and_max(tmp_path):
+    _summary(tmp_path / "s0", 0.8, 0.3, [[9, 1], [2, 8]], 0.02)
+    _summary(tmp_path / "s1", 0.6, 0.4, [[5, 5], [3, 7]], 0.05)
     rows = [demo_seeds.check_row(0, tmp_path / "s0", 100.04), demo_seeds.check_row(1, tmp_path / "s1", 90.0)]
     assert rows[0] == {"seed": 0, "seconds": 100.0, "resnet34/adapted": 0.8,
-                       "resnet34/adapted_confusion": [[9, 1], [2, 8]], "resnet34/base": 0.3}
+                       "resnet34/adapted_confusion": [[9, 1], [2, 8]], "resnet34/base": 0.3,
+                       "adapted_spread": 0.02}
     lines = demo_seeds.table(rows).splitlines()
-    assert lines[0] == "| seed | resnet34/adapted | resnet34/base | adapted confusion | wall s |"
-    assert lines[2] == "| 0 | 80.0% | 30.0% | [[9, 1], [2, 8]] | 100 |"
-    assert lines[3] == "| 1 | 60.0% | 40.0% | [[5, 5], [3, 7]] | 90 |"
-    assert lines[4] == "| min | 60.0% | 30.0% | | |"
-    assert lines[5] == "| mean | 70.0% | 35.0% | | |"
+    assert lines[0] == ("| seed | resnet34/adapted | resnet34/base | adapted channel spread | adapted confusion "
+                        "| wall s |")
+    assert lines[2] == "| 0 | 80.0% | 30.0% | 0.020 | [[9, 1], [2, 8]] | 100 |"
+    assert lines[3] == "| 1 | 60.0% | 40.0% | 0.050 | [[5, 5], [3, 7]] | 90 |"
+    assert lines[4] == "| min | 60.0% | 30.0% | 0.020 | | |"
+    assert lines[5] == "| mean | 70.0% | 35.0% | 0.035 | | |"
+    assert lines[6] == "| max | 80.0% | 40.0% | 0.050 | | |"
 
 
 def test_a_missing_or_broken_config_is_the_run_configs_own_error(tmp_path):

@@ -86,6 +86,14 @@ def _check_section(fold: dict) -> list[str]:
         chance = 1 / len(a["classes"])
         lines.append(f"| {net} | **{a['accuracy']:.1%}** | **{b['accuracy']:.1%}** | {r['accuracy']:.1%} "
                      f"({r['n']} images) | {chance:.1%} |")
+    spread = fold["classify"].get("spread")             # absent in summaries written before it was added
+    if spread:
+        names = {"adapted": "adapted", "base": "unadapted base", "reconstructed": "reference"}
+        lines += ["", "How grey the samples are: the mean channel spread, max - min over R, G, B per "
+                  "pixel, in [0, 1] (the real phantoms are grey, 0):", ""]
+        lines += [f"- {names.get(kind, kind)}: **{s['all']:.3f}** ("
+                  + ", ".join(f"{c} {v:.3f}" for c, v in s.items() if c != "all") + ")"
+                  for kind, s in spread.items()]
     lines += ["", "Confusion matrices (rows: prompted or true class, columns: predicted; order "
               f"{', '.join(check[f'{nets[0]}/adapted']['classes'])}):", ""]
     for net in nets:

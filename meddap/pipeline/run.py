@@ -536,9 +536,19 @@ def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic
                 r = evaluate(real_only[arch], folder, device=ctx.cfg.classify.device)
                 result["check"][f"{arch.value}/{kind}"] = {"accuracy": r["accuracy"], "confusion": r["confusion"],
                                                            "classes": r["model_classes"], "n": r["n"]}
+        result["spread"] = {kind: check_spread(folder) for kind, folder in check.folders.items()}
     write_json_atomic(fold_dir / "classify" / "summary.json", result)
     st.finish({"result": result})
     return result
+
+
+def check_spread(folder: Path) -> dict:
+    """How grey a check set is: `channel_spread` (0 for grey) of all its images and per class."""
+    from meddap.pretrain.evaluate import image_spread
+
+    per_class = {c.name: sorted(c.glob("*.png")) for c in sorted(Path(folder).iterdir()) if c.is_dir()}
+    return {"all": image_spread([p for paths in per_class.values() for p in paths]),
+            **{c: image_spread(paths) for c, paths in per_class.items()}}
 
 
 def stage_gradcam(ctx: Context, split: Split, fold: int, classified: dict) -> list[str]:

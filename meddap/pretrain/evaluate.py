@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from meddap.data import phantom
+from meddap.data.datasets import load_rgb
 
 PROBE_SEED = 20_240_325              # a phantom seed no demo, test or pretraining run writes with
 PROBE_IMAGES = 32                    # 11 benign, 11 malignant, 10 normal
@@ -69,8 +70,18 @@ def vae_reconstruction(vae, grey: np.ndarray) -> Reconstruction:
     x = torch.from_numpy(grey).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)   # (N, 3, H, W) [0, 1]
     mean, _ = vae.encode((2 * x - 1).to(param))
     x_hat = ((vae.decode(mean).float().cpu() + 1) / 2).clamp(0, 1)                    # (N, 3, H, W)
-    spread = (x_hat.amax(1) - x_hat.amin(1)).mean().item()
-    return Reconstruction(psnr_db=_psnr(x_hat, x), spread=spread)
+    return Reconstruction(psnr_db=_psnr(x_hat, x), spread=channel_spread(x_hat))
+
+
+def channel_spread(x: torch.Tensor) -> float:
+    """Mean over pixels of (max - min over R, G, B) of (N, 3, H, W) images in [0, 1]: 0 for grey."""
+    return (x.amax(1) - x.amin(1)).double().mean().item()
+
+
+def image_spread(paths) -> float:
+    """`channel_spread` of image files (8-bit, read by `load_rgb` as every stage reads them)."""
+    x = torch.from_numpy(np.stack([np.asarray(load_rgb(p)) for p in paths]))           # (N, H, W, 3) uint8
+    return channel_spread(x.permute(0, 3, 1, 2).double() / 255)
 
 
 def block_mean_reference(grey: np.ndarray, block: int = 8) -> float:
