@@ -11,9 +11,10 @@ usual "[section] key" error, raised before any run starts.
 
 Seed s runs in DIR/seed<s>/ (re-running resumes, as `meddap run` does). The
 table gives, per seed, the real-only classifiers' accuracy on the adapted and
-unadapted check images, the adapted samples' mean channel spread (0 for grey),
-the adapted confusion matrix (rows: true class) and the wall time of this invocation's run (a resumed seed shows only what was
-left). DIR/seeds.json holds the same rows. The seeds run one after another in
+unadapted check images, the adapted samples' mean channel spread (0 for grey;
+nan for a run whose summary predates it), the adapted confusion matrix (rows:
+true class) and the wall time of this invocation's run (a resumed seed shows
+only what was left). DIR/seeds.json holds the same rows. The seeds run one after another in
 this process, so the stage banners' "into the run" times count from the
 script's start.
 """
@@ -71,12 +72,13 @@ def check_row(seed: int, out: Path, seconds: float) -> dict:
         row[key] = value["accuracy"]
         if key.endswith("/adapted"):
             row[key + "_confusion"] = value["confusion"]
-    row["adapted_spread"] = summary["spread"]["adapted"]["all"]
+    row["adapted_spread"] = summary.get("spread", {}).get("adapted", {}).get("all", float("nan"))
     return row
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: seed, each check accuracy, the adapted confusion, seconds; then the min and mean."""
+    """Markdown: seed, each check accuracy, the adapted spread and confusion, seconds; then the
+    min, mean and max."""
     keys = [k for k in rows[0] if k not in ("seed", "seconds", "adapted_spread") and not k.endswith("_confusion")]
     lines = ["| seed | " + " | ".join(keys) + " | adapted channel spread | adapted confusion | wall s |",
              "|---" * (len(keys) + 4) + "|"]

@@ -23,7 +23,7 @@ dimensions), the "multivariate" initialisation of new vocabulary (Mundra et al.
 two new words start alike. Deviation from independent draws, which can start two
 words of a prompt close together; in trial runs of the demo's check (seeds 0, 1, 2)
 the two gave 83.3/96.7/85.0% and 85.0/87.8/78.3%, a difference within the check's
-seed-to-seed spread (those trials, like every figure before commit 23604a6, came from
+seed-to-seed spread (those trials, like every figure before commit 661ec6e, came from
 runs that were not repeatable: see `lora_inputs`). Hewitt (2021) starts new words at
 μ plus a draw of N(0, 10⁻⁵ Σ), all nearly alike; on the demo that gave 70.0/85.6/71.1%
 against this init's 86.1/76.7/75.6% (repeatable runs). Training the rows is textual

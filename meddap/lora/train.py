@@ -19,8 +19,9 @@ device; the arithmetic on them is not the same (GPU kernels differ from the
 CPU's). The generator's state is part of each checkpoint: on the CPU (with the
 same number of threads), two runs of one config end bit for bit alike, and a run
 killed and resumed ends where an uninterrupted one does (with new tokens too:
-`lora_inputs` picks contexts with a deterministic backward). On CUDA that holds only with cudnn.benchmark off
-(`train_lora` pins it) and torch.use_deterministic_algorithms(True), and is not
+`lora_inputs` picks contexts with a deterministic backward). On CUDA that holds
+only with cudnn.benchmark off (`train_lora` pins it) and
+torch.use_deterministic_algorithms(True), and is not
 guaranteed even then: SDPA and cuDNN backward kernels use atomics (see
 meddap.device).
 
