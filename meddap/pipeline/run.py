@@ -543,12 +543,16 @@ def finish_classify(ctx: Context, data: Data, split: Split, fold: int, synthetic
 
 
 def check_spread(folder: Path) -> dict:
-    """How grey a check set is: `channel_spread` (0 for grey) of all its images and per class."""
-    from meddap.pretrain.evaluate import image_spread
+    """How grey a check set is: `channel_spread` (0 for grey) of all its images and per class
+    (each image read once)."""
+    import torch
 
-    per_class = {c.name: sorted(c.glob("*.png")) for c in sorted(Path(folder).iterdir()) if c.is_dir()}
-    return {"all": image_spread([p for paths in per_class.values() for p in paths]),
-            **{c: image_spread(paths) for c, paths in per_class.items()}}
+    from meddap.pretrain.evaluate import channel_spread, read_images
+
+    per_class = {c.name: read_images(sorted(c.glob("*.png")))                     # (N_c, 3, H, W)
+                 for c in sorted(Path(folder).iterdir()) if c.is_dir()}
+    return {"all": channel_spread(torch.cat(list(per_class.values()))),
+            **{c: channel_spread(x) for c, x in per_class.items()}}
 
 
 def stage_gradcam(ctx: Context, split: Split, fold: int, classified: dict) -> list[str]:

@@ -78,10 +78,15 @@ def channel_spread(x: torch.Tensor) -> float:
     return (x.amax(1) - x.amin(1)).double().mean().item()
 
 
-def image_spread(paths) -> float:
-    """`channel_spread` of image files (8-bit, read by `load_rgb` as every stage reads them)."""
+def read_images(paths) -> torch.Tensor:
+    """8-bit image files, read by `load_rgb` as every stage reads them: (N, 3, H, W) float64 in [0, 1]."""
     x = torch.from_numpy(np.stack([np.asarray(load_rgb(p)) for p in paths]))           # (N, H, W, 3) uint8
-    return channel_spread(x.permute(0, 3, 1, 2).double() / 255)
+    return x.permute(0, 3, 1, 2).double() / 255
+
+
+def image_spread(paths) -> float:
+    """`channel_spread` of image files (`read_images`)."""
+    return channel_spread(read_images(paths))
 
 
 def block_mean_reference(grey: np.ndarray, block: int = 8) -> float:
