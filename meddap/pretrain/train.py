@@ -36,8 +36,8 @@ prompts differ by 8.8% (relative rms over the 77 x 64 context), trained word pai
 ("red"/"blue", "large"/"small") by 31-42%. The base is deaf to the class words, and
 USLoRA has to grow the class difference from almost nothing. Drawing the unseen rows
 from the trained rows' distribution (the "multivariate" initialisation of new
-vocabulary, Mundra et al. 2024, arXiv 2407.05841; Hewitt 2021 proposes the mean alone,
-which would make every unseen word the same vector) gives each unseen word a typical
+vocabulary, Mundra et al. 2024, arXiv 2407.05841; Hewitt 2021 starts new words at the
+mean plus a draw of N(0, 1e-5 Σ), which makes them nearly alike) gives each unseen word a typical
 embedding of its own; no word is singled out and the MEDDAP words stay unseen. It
 makes the base hear the class words, and the demo's adapted check rose (seeds 0/1/2:
 86.1/82.8/81.1% against 65.0/67.8/61.7%), but the base then draws each class prompt
@@ -369,6 +369,14 @@ def stage3_token_ids(cfg: PretrainConfig, text: torch.nn.Module, show_progress: 
     return seen_tokens({"tokens": torch.cat(tokens)}, text)
 
 
+def _file_metadata(path: Path) -> dict[str, str]:
+    """The safetensors file's `__metadata__` ({} if none), from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def _caption_config(meta: dict, src: Path) -> PretrainConfig:
     """PretrainConfig with CAPTION_SETTINGS as a tiny base file's metadata stores them."""
     values = {}
@@ -388,13 +396,10 @@ def trained_token_ids(checkpoint: str | Path, text: torch.nn.Module,
     """The token ids whose embedding rows a meddap-pretrained base trained (stage 3's
     captions, plus every id when stage 3b redrew the rest), or None for a file without
     `pretrain_*` metadata (SD v1.4: CLIP trained every row)."""
-    from safetensors import safe_open
-
     path = Path(checkpoint)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
+    meta = _file_metadata(path)
     if f"pretrain_{CAPTION_SETTINGS[0]}" not in meta:
         return None
     if meta.get("pretrain_redraw_unseen_tokens") == "True":
@@ -407,14 +412,11 @@ def redraw_file_token_rows(cfg: PretrainConfig, src: str | Path, out: str | Path
     as the shipped file): its stage-3 captions are rebuilt from cfg,
     which must match the file's `pretrain_*` metadata for CAPTION_SETTINGS, and only
     token rows change. Writes `out` with the file's metadata plus the stage's."""
-    from safetensors import safe_open
-
     from meddap.io import sha256_file
 
     validate(cfg)
     src, out = Path(src), Path(out)
-    with safe_open(str(src), "pt") as f:
-        meta = dict(f.metadata() or {})
+    meta = _file_metadata(src)
     for key in CAPTION_SETTINGS:
         stored, wanted = meta.get(f"pretrain_{key}"), str(getattr(cfg, key))
         if stored != wanted:
