@@ -10,7 +10,8 @@ import torch
 from meddap.data import phantom
 from meddap.pretrain import shapes
 from meddap.pretrain.evaluate import (PROBE_IMAGES, PROBE_SIZE, Reconstruction, block_mean_reference,
-                                      image_spread, noise_mean_error, probe_phantoms, vae_reconstruction)
+                                      channel_spread, noise_mean_error, probe_phantoms, read_images,
+                                      vae_reconstruction)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "tiny-sd.safetensors"
 NOISE_MEAN_MAX = 0.7        # the shipped file: 0.51; the previous one (32 groups): 0.97
@@ -50,7 +51,7 @@ def test_psnr_and_spread_closed_forms():
     assert tinted.spread == pytest.approx(0.1, abs=1e-5)
 
 
-def test_image_spread_of_files_closed_form_and_the_check_summary(tmp_path):
+def test_channel_spread_of_files_closed_form_and_the_check_summary(tmp_path):
     """Files as every stage reads them: grey (L or RGB) is 0; a pixel (255, 0, 0) is 1 and
     (200, 150, 175) is 50/255. The demo's check summary (`check_spread`) gives all and per class."""
     from PIL import Image
@@ -68,9 +69,9 @@ def test_image_spread_of_files_closed_form_and_the_check_summary(tmp_path):
     tint = np.empty((32, 32, 3), np.uint8)
     tint[...] = (200, 150, 175)
     Image.fromarray(tint).save(tmp_path / "b" / "tint.png")
-    assert image_spread(sorted((tmp_path / "a").glob("*.png"))) == 0.0
-    assert image_spread([tmp_path / "b" / "half_red.png"]) == pytest.approx(0.5, abs=1e-12)
-    assert image_spread([tmp_path / "b" / "tint.png"]) == pytest.approx(50 / 255, abs=1e-12)
+    assert channel_spread(read_images(sorted((tmp_path / "a").glob("*.png")))) == 0.0
+    assert channel_spread(read_images([tmp_path / "b" / "half_red.png"])) == pytest.approx(0.5, abs=1e-12)
+    assert channel_spread(read_images([tmp_path / "b" / "tint.png"])) == pytest.approx(50 / 255, abs=1e-12)
     s = check_spread(tmp_path)
     assert s == pytest.approx({"all": (0.5 + 50 / 255) / 4, "a": 0.0, "b": (0.5 + 50 / 255) / 2}, abs=1e-12)
 

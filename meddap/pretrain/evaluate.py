@@ -84,11 +84,6 @@ def read_images(paths) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).double() / 255
 
 
-def image_spread(paths) -> float:
-    """`channel_spread` of image files (`read_images`)."""
-    return channel_spread(read_images(paths))
-
-
 def block_mean_reference(grey: np.ndarray, block: int = 8) -> float:
     """PSNR of 8 x 8 block means upsampled bilinearly: the smooth-reconstruction reference."""
     x = torch.from_numpy(grey).float().div(255).unsqueeze(1)                          # (N, 1, H, W)
