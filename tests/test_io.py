@@ -60,6 +60,18 @@ def test_save_torch_atomic_round_trips_and_leaves_no_temporary(tmp_path):
     assert list(tmp_path.iterdir()) == [p]
 
 
+def test_save_torch_atomic_failing_mid_stream_keeps_the_old_file(tmp_path):
+    """torch.save streams into the temporary: a failure after some bytes are written
+    (a tensor, then an object pickle refuses) must leave the old file and no temporary."""
+    p = tmp_path / "state.pt"
+    save_torch_atomic({"step": 1}, p)
+    old = p.read_bytes()
+    with pytest.raises(Exception):
+        save_torch_atomic({"w": torch.zeros(1000), "f": lambda: 0}, p)
+    assert p.read_bytes() == old
+    assert list(tmp_path.iterdir()) == [p]
+
+
 def test_truncate_log_keeps_header_and_complete_kept_rows(tmp_path):
     p = tmp_path / "log.csv"
     p.write_text("stage,step\nvae,1\nvae,2\nunet,1\nvae,3\nunet,2")      # last row torn
