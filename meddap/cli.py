@@ -20,6 +20,7 @@ import warnings
 from meddap import bench
 from meddap.classify import commands as classify
 from meddap.data import commands as data
+from meddap.device import keep_freed_memory
 from meddap.errors import MeddapError
 from meddap.fid import commands as fid
 from meddap.fid import memorization
@@ -61,6 +62,7 @@ def _os_error(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     name = f"meddap {args.command}"
     shown_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"{name}: warning: {_first_line(str(message))}\n"

@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except MeddapError as e:
         print(f"demo_seeds: error: {e}", file=sys.stderr)
         return 2
+    from meddap.device import keep_freed_memory
     from meddap.pipeline.commands import owned_run
+    keep_freed_memory()                          # as every `meddap` command, so the wall times agree
 
     work, rows = Path(args.work), []
     for s, cfg in zip(args.seeds, configs):
