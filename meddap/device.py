@@ -113,11 +113,12 @@ def keep_freed_memory() -> bool:
     free top above twice that. A training step frees and re-allocates the same tensors
     (gradients with set_to_none, activations), so each step pays page faults again: a
     resnet34 step at batch 16 and 48 px on the 2-core AVX-512 machine took 8,900 minor
-    faults and 92 ms, with these two thresholds 44 faults and 84 ms (and the same at 1 and
-    2 GiB, with which the whole `meddap demo` took 97.5 s against 101.5 s). Arithmetic is untouched (same kernels, same results),
-    only where freed memory goes. The cost is at most TRIM_THRESHOLD of free memory
-    held by the process. Setting either threshold turns glibc's dynamic adjustment off,
-    so both are set. Called once at the start of every `meddap` command."""
+    faults and 92 ms, with these two thresholds 44 faults and 84 ms (the same at 1 and
+    2 GiB, with which the whole `meddap demo` took 97.5 s against 101.5 s). Arithmetic is
+    untouched (same kernels, same results), only where freed memory goes. The cost is at
+    most TRIM_THRESHOLD of free memory held by the process. Setting either threshold turns
+    glibc's dynamic adjustment off, so both are set. Called once at the start of every
+    `meddap` command."""
     import ctypes
     import ctypes.util
     import platform
