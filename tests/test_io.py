@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -58,6 +59,17 @@ def test_save_torch_atomic_round_trips_and_leaves_no_temporary(tmp_path):
     back = torch.load(p, weights_only=True)
     assert back["step"] == 7 and torch.equal(back["w"], state["w"])
     assert list(tmp_path.iterdir()) == [p]
+
+
+def test_save_torch_atomic_bytes_do_not_depend_on_the_file_name(tmp_path):
+    """Bitwise resume claims compare saved files byte for byte: the bytes must be those of
+    torch.save into memory, whatever the (temporary) file is called."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "step": 7}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    for name in ("a.pt", "best.pt"):
+        save_torch_atomic(state, tmp_path / name)
+        assert (tmp_path / name).read_bytes() == buf.getvalue(), name
 
 
 def test_save_torch_atomic_failing_mid_stream_keeps_the_old_file(tmp_path):
