@@ -27,10 +27,10 @@ def register(subparsers) -> None:
                         "every stage that is ready; a last run without --shard assembles the tables")
     p.set_defaults(func=_run)
     d = subparsers.add_parser("demo", help="the whole pipeline on phantoms with the shipped tiny base (CPU, offline)",
-                              description="`meddap run demo`: about 2 minutes on 2 CPU cores (measured: 95 s on a "
-                                          "2-core AVX-512 machine, where the demo before took 368 s), no network; "
+                              description="`meddap run demo`: about 2 minutes on 2 CPU cores (measured: 101-121 s on a "
+                                          "2-core AVX-512 machine, where the demo before took 368-434 s), no network; "
                                           "--fast: the CI-sized variant, with one adjective and ratio, no classic arm "
-                                          "or unseen set and 45 check images per class (66 s there).")
+                                          "or unseen set and 45 check images per class (65 s there).")
     d.add_argument("--out", default="meddap-demo", help="output folder (default: ./meddap-demo)")
     d.add_argument("--fast", action="store_true", help="smaller sizes (config demo-fast)")
     d.add_argument("--force", action="store_true", help=FORCE_HELP)
